@@ -1,0 +1,206 @@
+"""The background reporter: an app's startup never waits on the network.
+
+:meth:`Reporter.start` only schedules a task. That task imports the transport in a worker
+thread, opens its own HTTP session, reports at once and then on OPA's schedule. Every failure
+ends at the one ``except Exception`` below and is logged at DEBUG; nothing reaches the host
+app. :meth:`Reporter.aclose` cancels the task and waits a bounded time for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import random
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from types import ModuleType, TracebackType
+from typing import Any
+
+from .answer import LatestRelease
+from .config import do_not_track, service_base_url, version_url
+from .payload import Gatherer, Payload, build_payload, check_product_name
+
+logger = logging.getLogger(__name__)
+
+OnLatest = Callable[[LatestRelease], Awaitable[None] | None]
+_TRANSPORT = "opa_telemetry.transport"
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """When reports go out. The default is OPA 1.x's: one at start, then hourly six times,
+    then every six hours; each wait is scaled by a random factor in ``1 ± jitter`` so a fleet
+    restarted together does not report in lockstep."""
+
+    first_delay: float = 0.0
+    interval: float = 3600.0
+    interval_count: int = 6
+    long_interval: float = 6 * 3600.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        if min(self.first_delay, self.interval, self.long_interval) < 0 or not (
+            0 <= self.jitter < 1
+        ):
+            raise ValueError("delays must be non-negative and 0 <= jitter < 1")
+
+    def delays(self, rng: random.Random) -> Iterator[float]:
+        """The wait before each report, forever."""
+        yield self.first_delay
+        for _ in range(self.interval_count):
+            yield self._jittered(self.interval, rng)
+        while True:
+            yield self._jittered(self.long_interval, rng)
+
+    def _jittered(self, delay: float, rng: random.Random) -> float:
+        return delay * rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+async def import_transport() -> ModuleType:
+    """The transport module, imported in a worker thread the first time (aiohttp's import and
+    TLS set-up take tens of milliseconds that must not stall the host's event loop)."""
+    module = sys.modules.get(_TRANSPORT)
+    if module is None:
+        module = await asyncio.to_thread(importlib.import_module, _TRANSPORT)
+    return module
+
+
+class Reporter:
+    """Reports ``product``/``version`` to a telemetry service in the background.
+
+    >>> reporter = Reporter("MyApp", "1.2.3", url="http://127.0.0.1:9181")
+    >>> reporter.start()          # inside a running event loop; returns at once
+    >>> await reporter.aclose()   # or: async with Reporter(...) as reporter: ...
+
+    Sends nothing when ``enabled`` is false or ``DO_NOT_TRACK`` is set. ``on_latest`` (a plain
+    or async callable) receives every answer; an out-of-date answer is logged at INFO.
+    """
+
+    def __init__(
+        self,
+        product: str,
+        version: str,
+        *,
+        url: str | None = None,
+        enabled: bool = True,
+        schedule: Schedule | None = None,
+        timeout: float = 5.0,
+        close_timeout: float = 1.0,
+        gatherers: Mapping[str, Gatherer] | None = None,
+        on_latest: OnLatest | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.product = check_product_name(product)
+        self.version = version
+        self.url = version_url(service_base_url(url, environ))
+        self.enabled = enabled and not do_not_track(environ)
+        self.schedule = schedule or Schedule()
+        self.timeout = timeout
+        self.close_timeout = close_timeout
+        self.instance_id = str(uuid.uuid4())
+        self.reports_sent = 0
+        self._gatherers = dict(gatherers or {})
+        self._on_latest = on_latest
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random()  # noqa: S311 - jitter, not secrets
+
+    def payload(self) -> Payload:
+        """What the next report would send (the dry run)."""
+        return build_payload(
+            self.product, self.version, self.instance_id, gatherers=self._gatherers
+        )
+
+    def start(self) -> None:
+        """Schedule the background reports and return at once; idempotent.
+
+        Must be called with a running event loop (raises RuntimeError otherwise); does nothing
+        when reporting is disabled.
+        """
+        if not self.enabled or self._task is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=f"opa-telemetry reporter {self.url}")
+
+    async def aclose(self) -> None:
+        """Stop reporting: cancel the task and wait at most ``close_timeout`` for it; idempotent."""
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=self.close_timeout)
+        if not done:
+            logger.debug("reporter task still closing after %.1fs", self.close_timeout)
+
+    async def __aenter__(self) -> Reporter:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _run(self) -> None:
+        session: Any = None
+        try:
+            for delay in self.schedule.delays(self._rng):
+                await asyncio.sleep(delay)
+                try:
+                    transport = await import_transport()
+                    if session is None:
+                        session = transport.new_session()
+                    latest = await transport.post_report(
+                        session, self.url, self.payload(), self.timeout
+                    )
+                    self.reports_sent += 1
+                    await self._deliver(latest)
+                except Exception:  # the client's one catch-all: nothing reaches the host app
+                    logger.debug("opa-telemetry report to %s failed", self.url, exc_info=True)
+        finally:
+            if session is not None:
+                await session.close()
+
+    async def _deliver(self, latest: LatestRelease) -> None:
+        if not latest.up_to_date and latest.latest_release:
+            logger.info(
+                "%s is out of date: current_version=%s latest_version=%s download=%s"
+                " release_notes=%s", self.product, self.version, latest.version,
+                latest.download, latest.release_notes,
+                extra={"current_version": self.version, "latest_version": latest.version,
+                       "download": latest.download, "release_notes": latest.release_notes},
+            )  # fmt: skip
+        if self._on_latest is not None:
+            result = self._on_latest(latest)
+            if inspect.isawaitable(result):
+                await result
+
+
+async def check_latest(
+    product: str,
+    version: str,
+    *,
+    url: str | None = None,
+    timeout: float = 5.0,
+    environ: Mapping[str, str] | None = None,
+) -> LatestRelease:
+    """Send one report now and return the service's answer (what ``version --check`` does).
+
+    This is an explicit request, so ``DO_NOT_TRACK`` does not stop it. Raises a
+    :class:`~opa_telemetry.errors.TelemetryError` subclass when no valid answer arrives
+    within ``timeout`` seconds.
+    """
+    check_product_name(product)
+    target = version_url(service_base_url(url, environ))
+    payload = build_payload(product, version, str(uuid.uuid4()))
+    transport = await import_transport()
+    async with transport.new_session() as session:
+        latest: LatestRelease = await transport.post_report(session, target, payload, timeout)
+    return latest
+

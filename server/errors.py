@@ -1,0 +1,80 @@
+"""The server's domain errors.
+
+Domain code raises these and never ``web.HTTP*``; ``middlewares.error_middleware`` is the one
+place that maps them to HTTP statuses and the JSON error shape.
+
+    TelemetryError
+    ├── RequestError ............. the client sent something we will not take (4xx)
+    │   ├── ReportError .......... invalid report body; ``details`` lists every problem (400)
+    │   ├── NotFoundError ........ no such release or product (404)
+    │   ├── UnsupportedMediaTypeError ........................................... (415)
+    │   └── BodyTooLargeError ................................................... (413)
+    ├── UnavailableError ......... try again later (503 with Retry-After)
+    │   ├── OverloadedError ...... the ingest queue is full
+    │   ├── ShuttingDownError .... the server is draining before exit
+    │   └── StorageUnavailableError  the database could not commit (locked, full, read-only)
+    ├── CatalogError ............. a release could not be added or parsed (CLI)
+    └── SchemaError .............. the database file is not one this version can use
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TelemetryError(Exception):
+    """Base class of every error the server raises on purpose."""
+
+
+class RequestError(TelemetryError):
+    """The request cannot be accepted as sent; ``details`` name each problem."""
+
+    def __init__(self, message: str, details: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = list(details)
+
+
+class ReportError(RequestError):
+    """The report body is malformed or a field is invalid."""
+
+
+class NotFoundError(RequestError):
+    """The requested release or product is not in the catalog."""
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """The request body is not ``application/json``."""
+
+
+class BodyTooLargeError(RequestError):
+    """The request body is larger than the configured cap."""
+
+
+class UnavailableError(TelemetryError):
+    """The server cannot take the request now; the client may retry after ``retry_after``."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class OverloadedError(UnavailableError):
+    """The ingest queue is full."""
+
+
+class ShuttingDownError(UnavailableError):
+    """The server is draining its queue before it exits."""
+
+
+class StorageUnavailableError(UnavailableError):
+    """The database refused the write (locked, read-only, disk full, I/O error)."""
+
+
+class CatalogError(TelemetryError):
+    """A release could not be parsed, added or imported."""
+
+
+class SchemaError(TelemetryError):
+    """The database's schema version is newer than this server understands, or unreadable."""

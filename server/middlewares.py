@@ -1,0 +1,69 @@
+"""The one place where exceptions become HTTP answers, all in one JSON shape.
+
+Every error body is ``{"error": "<message>", "details": ["<problem>", ...]}``. Domain errors map
+to 4xx/503 by type; aiohttp's own HTTP errors (404, 405, 413) are reshaped; anything else is a
+bug: it is logged with its traceback (never with the client's address) and answered 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping, Sequence
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
+
+from .errors import (
+    BodyTooLargeError,
+    NotFoundError,
+    ReportError,
+    RequestError,
+    UnavailableError,
+    UnsupportedMediaTypeError,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: Mapping[type[RequestError], int] = {
+    ReportError: 400,
+    NotFoundError: 404,
+    BodyTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+}
+# Headers of aiohttp's own errors worth keeping (405 must say which methods are allowed).
+_KEPT_HEADERS = (hdrs.ALLOW,)
+ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs "%{User-Agent}i"'  # no %a: addresses are never logged
+
+
+def json_error(
+    status: int,
+    message: str,
+    details: Sequence[str] = (),
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    body = json.dumps({"error": message, "details": list(details)}).encode()
+    return web.Response(
+        status=status, body=body, content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return json_error(STATUS_BY_ERROR.get(type(exc), 400), exc.message, exc.details)
+    except UnavailableError as exc:
+        return json_error(503, exc.message, headers={hdrs.RETRY_AFTER: str(exc.retry_after)})
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+        return json_error(exc.status, exc.reason, headers=kept)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("unhandled error answering %s %s", request.method, request.path)
+        return json_error(500, "internal error")

@@ -1,0 +1,73 @@
+"""The database schema, as numbered steps applied in order by ``PRAGMA user_version``.
+
+Step N brings a database from version N-1 to N. Steps are append-only: a released step is
+never edited, a change is a new step. Times are Unix seconds (``*_at``), days are UTC
+``YYYY-MM-DD`` text so that statistics read naturally in the ``sqlite3`` shell.
+"""
+
+from __future__ import annotations
+
+SCHEMA_V1 = (
+    # The release catalog, per product. ``assets`` is a JSON array of asset names or URLs.
+    """
+    CREATE TABLE releases (
+        id INTEGER PRIMARY KEY,
+        product TEXT NOT NULL,
+        tag TEXT NOT NULL,
+        release_notes TEXT NOT NULL,
+        assets TEXT NOT NULL DEFAULT '[]',
+        published_on TEXT,
+        prerelease INTEGER NOT NULL DEFAULT 0,
+        added_at INTEGER NOT NULL,
+        UNIQUE (product, tag)
+    )
+    """,
+    # One row per (product, UTC day, instance id): an instance reporting hourly is one row a
+    # day with a count. The id is OPA's random per-start UUID, never a machine identifier.
+    """
+    CREATE TABLE reports (
+        product TEXT NOT NULL,
+        day TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        first_seen_at INTEGER NOT NULL,
+        last_seen_at INTEGER NOT NULL,
+        report_count INTEGER NOT NULL,
+        version TEXT NOT NULL,
+        os TEXT,
+        arch TEXT,
+        heap_usage_bytes INTEGER,
+        min_compatible_version TEXT,
+        PRIMARY KEY (product, day, instance_id)
+    ) WITHOUT ROWID
+    """,
+    # Anonymous GitHub-style release checks (OPA >= 1.7): a count per product and day, nothing else.
+    """
+    CREATE TABLE version_checks (
+        product TEXT NOT NULL,
+        day TEXT NOT NULL,
+        check_count INTEGER NOT NULL,
+        PRIMARY KEY (product, day)
+    ) WITHOUT ROWID
+    """,
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+    "INSERT INTO meta (key, value) VALUES ('catalog_generation', 0)",
+    # Any change to the catalog, from this server, the CLI or a sqlite3 shell, bumps the
+    # generation, which the server polls to refresh its in-memory copy.
+    """
+    CREATE TRIGGER releases_inserted AFTER INSERT ON releases BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'catalog_generation';
+    END
+    """,
+    """
+    CREATE TRIGGER releases_updated AFTER UPDATE ON releases BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'catalog_generation';
+    END
+    """,
+    """
+    CREATE TRIGGER releases_deleted AFTER DELETE ON releases BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'catalog_generation';
+    END
+    """,
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (SCHEMA_V1,)

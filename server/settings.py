@@ -1,0 +1,87 @@
+"""Every server knob in one frozen dataclass: its default, its env var and one line of help.
+
+The CLI builds its ``serve`` flags from these fields (flag ``--max-body-bytes`` for field
+``max_body_bytes``, env var ``OPA_TELEMETRY_SERVER_MAX_BODY_BYTES``), so the two can never
+drift apart. Nothing here reads the environment: only ``cli`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "OPA_TELEMETRY_SERVER_"
+DEFAULT_PORT = 9181  # not OPA's 8181: operators run both on one host
+DEFAULT_REPOS = "open-policy-agent/opa=opa"
+
+
+def _knob(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = _knob("127.0.0.1", "address to listen on")
+    port: int = _knob(DEFAULT_PORT, "TCP port to listen on (0 picks a free one)")
+    db: str = _knob("opa-telemetry.db", "path of the SQLite database file (created if missing)")
+    prefix: str = _knob("", "mount path prefix, e.g. /custom serves /custom/v1/version")
+    log_level: str = _knob("info", "log level: debug, info, warning, error")
+    access_log: bool = _knob(True, "log one line per request (never the client address)")
+    synchronous: str = _knob(
+        "full",
+        "SQLite synchronous mode: full survives power loss, normal survives process crashes",
+    )
+    max_body_bytes: int = _knob(8192, "largest accepted request body, in bytes")
+    queue_size: int = _knob(10000, "reports waiting for a commit before answering 503")
+    batch_size: int = _knob(1024, "most reports committed in one transaction")
+    retry_after: int = _knob(1, "seconds a client is told to wait when the server is busy")
+    catalog_refresh: float = _knob(5.0, "seconds between checks for release catalog changes")
+    shutdown_timeout: float = _knob(10.0, "seconds to finish in-flight requests on SIGTERM")
+    seed_catalog: bool = _knob(True, "import the bundled OPA releases on the first start")
+    repos: str = _knob(
+        DEFAULT_REPOS,
+        "owner/repo=product pairs, comma-separated, for GET /repos/{owner}/{repo}/releases/latest",
+    )
+    fast: bool = _knob(True, "use uvloop and orjson when installed")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append("port must be 0-65535")
+        if self.prefix and (not self.prefix.startswith("/") or self.prefix.endswith("/")):
+            problems.append("prefix must start with '/' and not end with '/' (e.g. /custom)")
+        if self.synchronous.lower() not in ("off", "normal", "full", "extra"):
+            problems.append("synchronous must be off, normal, full or extra")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            problems.append("log_level must be debug, info, warning or error")
+        for name in ("max_body_bytes", "queue_size", "batch_size", "retry_after"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("catalog_refresh", "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        try:
+            self.repo_products()
+        except ValueError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def repo_products(self) -> dict[str, str]:
+        """``repos`` as a mapping of lowercase ``owner/repo`` to product."""
+        mapping = {}
+        for pair in filter(None, (p.strip() for p in self.repos.split(","))):
+            repo, sep, product = pair.partition("=")
+            if not sep or repo.count("/") != 1 or not product.strip():
+                raise ValueError(f"repos entry {pair!r} is not owner/repo=product")
+            mapping[repo.strip().lower()] = product.strip().lower()
+        return mapping
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def knobs() -> list[tuple[str, Any, str]]:
+    """(field name, default, help) for every setting, in declaration order."""
+    return [(f.name, f.default, f.metadata["help"]) for f in fields(Settings)]

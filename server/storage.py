@@ -1,0 +1,370 @@
+"""SQLite storage: the only module that speaks SQL (with ``migrations``, which holds the schema).
+
+One :class:`Storage` owns one aiosqlite connection. The ingest writer is its only writer on
+the hot path; the CLI opens its own :class:`Storage` for catalog and statistics commands.
+Every database failure on a write surfaces as :class:`StorageUnavailableError`, which the
+HTTP layer turns into a 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+
+from .errors import CatalogError, SchemaError, StorageUnavailableError
+from .migrations import MIGRATIONS
+from .protocol import Report
+from .releases import Catalog, Release, release_from_mapping
+from .versions import parse_version
+
+logger = logging.getLogger(__name__)
+
+Synchronous = Literal["off", "normal", "full", "extra"]
+
+UPSERT_REPORT_SQL = """
+INSERT INTO reports (product, day, instance_id, first_seen_at, last_seen_at, report_count,
+                     version, os, arch, heap_usage_bytes, min_compatible_version)
+VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)
+ON CONFLICT (product, day, instance_id) DO UPDATE SET
+    last_seen_at = excluded.last_seen_at,
+    report_count = report_count + 1,
+    version = excluded.version,
+    os = excluded.os,
+    arch = excluded.arch,
+    heap_usage_bytes = excluded.heap_usage_bytes,
+    min_compatible_version = excluded.min_compatible_version
+"""
+
+COUNT_CHECKS_SQL = """
+INSERT INTO version_checks (product, day, check_count) VALUES (?, ?, ?)
+ON CONFLICT (product, day) DO UPDATE SET check_count = check_count + excluded.check_count
+"""
+
+INSERT_RELEASE_SQL = """
+INSERT INTO releases (product, tag, release_notes, assets, published_on, prerelease, added_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (product, tag) DO NOTHING
+"""
+
+UPDATE_RELEASE_SQL = """
+UPDATE releases SET release_notes = ?, assets = ?, published_on = ?, prerelease = ?
+WHERE product = ? AND tag = ?
+    AND (release_notes, assets, coalesce(published_on, ''), prerelease)
+        IS NOT (?, ?, coalesce(?, ''), ?)
+"""
+
+SELECT_RELEASES_SQL = """
+SELECT id, product, tag, release_notes, assets, published_on, prerelease FROM releases
+"""
+
+INSTANCES_BY_VERSION_SQL = """
+SELECT version, count(DISTINCT instance_id), sum(report_count) FROM reports
+WHERE product = ? AND day >= ? GROUP BY version
+"""
+
+INSTANCES_BY_PLATFORM_SQL = """
+SELECT coalesce(os, 'unknown'), coalesce(arch, 'unknown'), count(DISTINCT instance_id)
+FROM reports WHERE product = ? AND day >= ? GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2
+"""
+
+TOTALS_SQL = """
+SELECT count(DISTINCT instance_id), coalesce(sum(report_count), 0) FROM reports
+WHERE product = ? AND day >= ?
+"""
+
+CHECKS_SQL = """
+SELECT coalesce(sum(check_count), 0) FROM version_checks WHERE product = ? AND day >= ?
+"""
+
+
+def utc_day(at: float) -> str:
+    """The UTC calendar day of a Unix time, as ``YYYY-MM-DD``."""
+    return time.strftime("%Y-%m-%d", time.gmtime(at))
+
+
+@dataclass(frozen=True, slots=True)
+class VersionCount:
+    version: str
+    instances: int
+    reports: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformCount:
+    os: str
+    arch: str
+    instances: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Anonymous counts for one product since ``since`` (a UTC day, inclusive)."""
+
+    product: str
+    since: str
+    instances: int
+    reports: int
+    version_checks: int
+    by_version: list[VersionCount] = field(default_factory=list)
+    by_platform: list[PlatformCount] = field(default_factory=list)
+
+
+class Storage:
+    """A migrated SQLite database in WAL mode. Create with :meth:`open`; close is idempotent."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: str) -> None:
+        self._conn = conn
+        self.path = path
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        synchronous: Synchronous = "full",
+        busy_timeout_ms: int = 5000,
+    ) -> Storage:
+        """Open (creating if needed) and migrate the database at ``path``.
+
+        Raises :class:`SchemaError` when the file is not a database this version can use
+        (corrupt, or migrated by a newer version).
+        """
+        conn = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute(f"PRAGMA synchronous = {_checked_synchronous(synchronous)}")
+            await _migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            await conn.close()
+            raise SchemaError(f"{path}: cannot use this database: {exc}") from exc
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, str(path))
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._conn.close()
+
+    async def ping(self) -> None:
+        """Raise :class:`StorageUnavailableError` unless the database answers a query."""
+        try:
+            async with self._conn.execute("SELECT count(*) FROM meta") as cursor:
+                await cursor.fetchone()
+        except (sqlite3.Error, ValueError) as exc:
+            raise StorageUnavailableError(f"database does not answer: {exc}") from exc
+
+    async def schema_version(self) -> int:
+        return await _user_version(self._conn)
+
+    # -- the hot path -----------------------------------------------------------------------
+
+    async def write_batch(
+        self, reports: Sequence[Report], checks: Iterable[str], now: float
+    ) -> None:
+        """Commit ``reports`` (upserted per product, day, instance) and version ``checks``
+        (one product name per check) in one transaction; all or nothing.
+
+        Raises :class:`StorageUnavailableError` when the transaction cannot commit.
+        """
+        day, seconds = utc_day(now), int(now)
+        report_rows = [
+            (r.product, day, r.instance_id, seconds, seconds, str(r.version), r.os, r.arch,
+             r.heap_usage_bytes, r.min_compatible_version)
+            for r in reports
+        ]  # fmt: skip
+        check_rows = [(product, day, n) for product, n in Counter(checks).items()]
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                if report_rows:
+                    await self._conn.executemany(UPSERT_REPORT_SQL, report_rows)
+                if check_rows:
+                    await self._conn.executemany(COUNT_CHECKS_SQL, check_rows)
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+        except (sqlite3.Error, ValueError) as exc:
+            # ValueError: the connection was closed under us during shutdown.
+            raise StorageUnavailableError(f"could not commit: {exc}") from exc
+
+    async def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                await self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.debug("rollback failed", exc_info=True)
+
+    # -- the release catalog ----------------------------------------------------------------
+
+    async def catalog_generation(self) -> int:
+        """A number that changes whenever any process changes the ``releases`` table."""
+        async with self._conn.execute(
+            "SELECT value FROM meta WHERE key = 'catalog_generation'"
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def load_catalog(self) -> Catalog:
+        """Read every product's releases into an in-memory :class:`Catalog`."""
+        async with self._conn.execute(SELECT_RELEASES_SQL) as cursor:
+            rows = await cursor.fetchall()
+        return Catalog((row[1], _release_from_row(row)) for row in rows)
+
+    async def seed_catalog(self, product: str, releases: Sequence[Release]) -> int:
+        """Import ``releases`` once per database lifetime (the first start).
+
+        Returns how many releases were added; 0 when this database was seeded before, even
+        if an operator has since removed releases.
+        """
+        key = f"catalog_seeded:{product}"
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            async with self._conn.execute("SELECT 1 FROM meta WHERE key = ?", (key,)) as cur:
+                if await cur.fetchone():
+                    await self._conn.execute("COMMIT")
+                    return 0
+            added, _ = await self._import(product, releases, update=False)
+            await self._conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)", (key, int(time.time()))
+            )
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        return added
+
+    async def add_release(self, product: str, release: Release, *, replace: bool = False) -> None:
+        """Add one release; raises :class:`CatalogError` if the tag exists and not ``replace``."""
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            added, updated = await self._import(product, [release], update=replace)
+            if not (added or updated or replace):
+                raise CatalogError(f"{product} {release.tag} is already in the catalog")
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+
+    async def import_releases(
+        self, product: str, releases: Sequence[Release]
+    ) -> tuple[int, int]:
+        """Add new tags and update changed ones in one transaction; returns (added, updated)."""
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            counts = await self._import(product, releases, update=True)
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        return counts
+
+    async def remove_release(self, product: str, tag: str) -> bool:
+        """Remove one release; returns whether it existed."""
+        cursor = await self._conn.execute(
+            "DELETE FROM releases WHERE product = ? AND tag = ?", (product, tag)
+        )
+        return cursor.rowcount > 0
+
+    async def _import(
+        self, product: str, releases: Iterable[Release], *, update: bool
+    ) -> tuple[int, int]:
+        added = updated = 0
+        now = int(time.time())
+        for release in releases:
+            fields = (
+                release.release_notes,
+                json.dumps(list(release.assets)),
+                release.published.isoformat() if release.published else None,
+                int(release.prerelease),
+            )
+            cursor = await self._conn.execute(
+                INSERT_RELEASE_SQL, (product, release.tag, *fields, now)
+            )
+            if cursor.rowcount:
+                added += 1
+            elif update:
+                cursor = await self._conn.execute(
+                    UPDATE_RELEASE_SQL, (*fields, product, release.tag, *fields)
+                )
+                updated += cursor.rowcount
+        return added, updated
+
+    # -- statistics -------------------------------------------------------------------------
+
+    async def stats(self, product: str, since: str) -> Stats:
+        """Instances and reports per version and platform for ``product`` since day ``since``."""
+        args = (product, since)
+        async with self._conn.execute(TOTALS_SQL, args) as cursor:
+            instances, reports = await cursor.fetchone() or (0, 0)
+        async with self._conn.execute(CHECKS_SQL, args) as cursor:
+            (checks,) = await cursor.fetchone() or (0,)
+        async with self._conn.execute(INSTANCES_BY_VERSION_SQL, args) as cursor:
+            by_version = [VersionCount(v, i, r) for v, i, r in await cursor.fetchall()]
+        async with self._conn.execute(INSTANCES_BY_PLATFORM_SQL, args) as cursor:
+            by_platform = [PlatformCount(o, a, i) for o, a, i in await cursor.fetchall()]
+        by_version.sort(key=lambda c: parse_version(c.version).precedence, reverse=True)
+        return Stats(product, since, instances, reports, checks, by_version, by_platform)
+
+
+def _checked_synchronous(value: str) -> str:
+    if value.lower() not in ("off", "normal", "full", "extra"):
+        raise ValueError(f"synchronous must be off, normal, full or extra, not {value!r}")
+    return value.upper()
+
+
+def _release_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Release:
+    release_id, _product, tag, notes, assets, published, prerelease = row
+    release = release_from_mapping(
+        {"tag": tag, "release_notes": notes, "assets": json.loads(assets),
+         "published": published, "prerelease": bool(prerelease)}
+    )  # fmt: skip
+    return replace(release, id=int(release_id))
+
+
+async def _user_version(conn: aiosqlite.Connection) -> int:
+    async with conn.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _migrate(
+    conn: aiosqlite.Connection, migrations: Sequence[Sequence[str]] = MIGRATIONS
+) -> None:
+    """Apply the steps this database lacks, each in its own transaction.
+
+    Safe when several processes start at once: each step re-reads the version under the write
+    lock. Raises :class:`SchemaError` for a database newer than ``migrations``.
+    """
+    target = len(migrations)
+    if await _user_version(conn) > target:
+        raise SchemaError(
+            f"database schema version {await _user_version(conn)} is newer than this"
+            f" server's ({target}); upgrade opa-telemetry"
+        )
+    for number, statements in enumerate(migrations, start=1):
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            if await _user_version(conn) < number:
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute(f"PRAGMA user_version = {number}")
+                logger.info("database migrated to schema version %d", number)
+            await conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
+            raise
