@@ -66,7 +66,11 @@ def create_app(settings: Settings) -> web.Application:
 async def _database(app: web.Application) -> AsyncIterator[None]:
     """Open storage, load the catalog and start the writer; on cleanup drain and close."""
     settings = app[SETTINGS]
-    storage = await Storage.open(settings.db, synchronous=settings.synchronous)  # type: ignore[arg-type]
+    storage = await Storage.open(
+        settings.db,
+        synchronous=settings.synchronous,
+        busy_timeout_ms=int(settings.busy_timeout * 1000),
+    )
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(storage.close)
         if settings.seed_catalog:

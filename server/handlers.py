@@ -52,7 +52,8 @@ async def get_health(request: web.Request) -> web.Response:
 async def get_readiness(request: web.Request) -> web.Response:
     """``GET /readyz``: the database answers (503 otherwise)."""
     await request.app[STORAGE].ping()
-    return _json(request, {"status": "ready", "pending": request.app[INGEST].pending})
+    ingest = request.app[INGEST]
+    return _json(request, {"status": "ready", "pending": ingest.pending + ingest.writing})
 
 
 async def _read_json_body(request: web.Request, limit: int) -> bytes:

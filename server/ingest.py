@@ -38,6 +38,7 @@ class Ingest:
         self._accepting = True
         self.batches = 0
         self.committed = 0
+        self.writing = 0  # items taken by the writer and not yet committed
 
     @property
     def pending(self) -> int:
@@ -77,6 +78,7 @@ class Ingest:
                 return
 
     async def _commit(self, batch: list[Item]) -> None:
+        self.writing = len(batch)
         reports = [item for item, _ in batch if isinstance(item, Report)]
         checks = [item for item, _ in batch if isinstance(item, str)]
         error: BaseException | None = None
@@ -94,6 +96,7 @@ class Ingest:
         else:
             self.batches += 1
             self.committed += len(batch)
+        self.writing = 0
         for _, future in batch:
             if future.done():  # the handler was cancelled; nothing waits for this one
                 continue

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiosqlite
 
@@ -27,8 +27,6 @@ from .releases import Catalog, Release, release_from_mapping
 from .versions import parse_version
 
 logger = logging.getLogger(__name__)
-
-Synchronous = Literal["off", "normal", "full", "extra"]
 
 UPSERT_REPORT_SQL = """
 INSERT INTO reports (product, day, instance_id, first_seen_at, last_seen_at, report_count,
@@ -131,7 +129,7 @@ class Storage:
         cls,
         path: str | Path,
         *,
-        synchronous: Synchronous = "full",
+        synchronous: str = "full",
         busy_timeout_ms: int = 5000,
     ) -> Storage:
         """Open (creating if needed) and migrate the database at ``path``.

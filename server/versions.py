@@ -76,6 +76,8 @@ def parse_version(text: str) -> Version:
     if len(text) > MAX_VERSION_LENGTH:
         raise VersionError(f"longer than {MAX_VERSION_LENGTH} characters")
     bare = text[1:] if text[:1] in ("v", "V") else text
+    if not bare.isprintable() or bare != bare.strip():
+        raise VersionError("contains whitespace or control characters")
     match = _SEMVER.fullmatch(bare)
     if match:
         pre, build = match["pre"], match["build"]

@@ -1,0 +1,102 @@
+"""Shared fixtures: real servers on 127.0.0.1, real SQLite files in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from opa_telemetry_server.app import create_app
+from opa_telemetry_server.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+RECORDED_REQUEST = Path(__file__).parent / "data" / "opa-1.6.0-version-check.http"
+
+OPA_UA = "Open Policy Agent/1.5.1 (linux, amd64)"
+INSTANCE_ID = "a72dc36a-72db-458d-9208-9be4189e4ab7"
+
+AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+AiohttpServer = Callable[..., Awaitable[TestServer]]
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"db": str(tmp_path / "telemetry.db"), "port": 0,
+                              "access_log": False, "catalog_refresh": 0.05}  # fmt: skip
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def client(aiohttp_client: AiohttpClient, settings: Settings) -> TestClient[Any, Any]:
+    """A test client for the real app over a real database file."""
+    return await aiohttp_client(create_app(settings))
+
+
+def report_body(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": INSTANCE_ID, "version": "1.5.1", "heap_usage_bytes": "2106336"}
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@dataclass
+class FakeService:
+    """A local stand-in for a telemetry service: records requests, answers as told.
+
+    ``mode``: ``ok`` (a valid answer), ``hang`` (accept, never answer), ``status`` (answer
+    ``status`` with a JSON error), ``garbage`` (200 with a non-JSON body), ``huge`` (200 with a
+    body far over the client's cap).
+    """
+
+    mode: str = "ok"
+    status: int = 500
+    answer: dict[str, Any] = field(
+        default_factory=lambda: {"latest": {
+            "download": "https://openpolicyagent.org/downloads/v1.20.2/opa_linux_amd64",
+            "release_notes": "https://github.com/open-policy-agent/opa/releases/tag/v1.20.2",
+            "latest_release": "v1.20.2", "opa_up_to_date": False}}
+    )  # fmt: skip
+    requests: list[tuple[dict[str, str], bytes, str]] = field(default_factory=list)
+    received: asyncio.Event = field(default_factory=asyncio.Event)
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((dict(request.headers), await request.read(), request.path))
+        self.received.set()
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+        if self.mode == "status":
+            return web.json_response({"error": "nope"}, status=self.status,
+                                     headers={"Retry-After": "7"})  # fmt: skip
+        if self.mode == "garbage":
+            return web.Response(body=b"<html>not json", content_type="text/html")
+        if self.mode == "huge":
+            return web.Response(body=b"[" * (1024 * 1024), content_type="application/json")
+        return web.json_response(self.answer)
+
+    async def wait_for_requests(self, count: int, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.requests) < count:
+                self.received.clear()
+                await self.received.wait()
+
+
+@pytest.fixture
+async def fake_service(aiohttp_server: AiohttpServer) -> FakeService:
+    service = FakeService()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", service.handle)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    service.url = str(server.make_url("")).rstrip("/")
+    return service

@@ -1,0 +1,166 @@
+"""Storage on real SQLite files: migrations, per-day upserts, the catalog, statistics."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+import pytest
+
+from opa_telemetry_server.errors import CatalogError, SchemaError
+from opa_telemetry_server.migrations import MIGRATIONS
+from opa_telemetry_server.protocol import Report
+from opa_telemetry_server.releases import bundled_releases, release_from_mapping
+from opa_telemetry_server.storage import Storage, _migrate
+from opa_telemetry_server.versions import parse_version
+
+from .conftest import INSTANCE_ID
+
+DAY1 = 1_790_000_000.0  # 2026-09-21 UTC
+DAY2 = DAY1 + 86_400
+
+
+def report(instance: str = INSTANCE_ID, version: str = "1.5.1", product: str = "opa",
+           heap: int | None = 1000) -> Report:  # fmt: skip
+    return Report(product, instance, parse_version(version), "linux", "amd64", heap, None)
+
+
+def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.fixture
+async def storage(tmp_path: Path) -> Storage:
+    opened = await Storage.open(tmp_path / "t.db")
+    yield opened  # type: ignore[misc]
+    await opened.close()
+
+
+async def test_open_creates_schema_in_wal_mode(tmp_path: Path) -> None:
+    storage = await Storage.open(tmp_path / "t.db")
+    assert await storage.schema_version() == len(MIGRATIONS)
+    await storage.close()
+    await storage.close()  # idempotent
+    assert rows(tmp_path / "t.db", "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_reports_upsert_per_product_day_and_instance(storage: Storage) -> None:
+    await storage.write_batch([report(heap=1), report(heap=2)], [], DAY1)
+    await storage.write_batch([report(version="1.6.0", heap=3)], [], DAY1 + 60)
+    await storage.write_batch([report(heap=4)], [], DAY2)
+    await storage.write_batch([report(product="myapp")], [], DAY2)
+    got = rows(Path(storage.path), "SELECT product, day, report_count, version, heap_usage_bytes,"
+               " first_seen_at, last_seen_at FROM reports ORDER BY product, day")  # fmt: skip
+    assert got == [
+        ("myapp", "2026-09-22", 1, "1.5.1", 1000, int(DAY2), int(DAY2)),
+        ("opa", "2026-09-21", 3, "1.6.0", 3, int(DAY1), int(DAY1) + 60),
+        ("opa", "2026-09-22", 1, "1.5.1", 4, int(DAY2), int(DAY2)),
+    ]
+
+
+async def test_checks_are_counted_per_product_and_day(storage: Storage) -> None:
+    await storage.write_batch([], ["opa", "opa", "app"], DAY1)
+    await storage.write_batch([], ["opa"], DAY1)
+    got = rows(Path(storage.path), "SELECT * FROM version_checks ORDER BY product")
+    assert got == [("app", "2026-09-21", 1), ("opa", "2026-09-21", 3)]
+
+
+async def test_hostile_strings_are_stored_verbatim_not_executed(storage: Storage) -> None:
+    hostile = "x'); DROP TABLE reports; --"
+    await storage.write_batch([Report(hostile, INSTANCE_ID, parse_version("1.0.0"), hostile,
+                                      hostile, None, hostile)], [hostile], DAY1)  # fmt: skip
+    got = rows(Path(storage.path), "SELECT product, os, min_compatible_version FROM reports")
+    assert got == [(hostile, hostile, hostile)]
+    assert rows(Path(storage.path), "SELECT product FROM version_checks") == [(hostile,)]
+
+
+async def test_seed_catalog_runs_once_even_after_removals(storage: Storage) -> None:
+    assert await storage.seed_catalog("opa", bundled_releases()) == 139
+    assert await storage.remove_release("opa", "v1.20.2")
+    assert await storage.seed_catalog("opa", bundled_releases()) == 0
+    catalog = await storage.load_catalog()
+    assert catalog.latest("opa").tag == "v1.20.1"  # type: ignore[union-attr]
+
+
+async def test_catalog_generation_changes_on_every_catalog_edit(storage: Storage) -> None:
+    first = await storage.catalog_generation()
+    await storage.add_release("opa", release_from_mapping({"tag": "v9.0.0"}))
+    second = await storage.catalog_generation()
+    # An edit from another process (here the sqlite3 module) is seen too.
+    with sqlite3.connect(storage.path) as conn:
+        conn.execute("UPDATE releases SET prerelease = 1")
+    assert first < second < await storage.catalog_generation()
+
+
+async def test_add_release_refuses_duplicates_unless_replacing(storage: Storage) -> None:
+    await storage.add_release("opa", release_from_mapping({"tag": "v9.0.0"}))
+    with pytest.raises(CatalogError):
+        await storage.add_release("opa", release_from_mapping({"tag": "v9.0.0"}))
+    changed = release_from_mapping({"tag": "v9.0.0", "assets": ["opa_linux_amd64"]})
+    await storage.add_release("opa", changed, replace=True)
+    latest = (await storage.load_catalog()).latest("opa")
+    assert latest is not None and latest.assets == ("opa_linux_amd64",) and latest.id > 0
+
+
+async def test_import_counts_added_and_updated(storage: Storage) -> None:
+    first = [release_from_mapping({"tag": "v1.0.0"}), release_from_mapping({"tag": "v1.1.0"})]
+    assert await storage.import_releases("opa", first) == (2, 0)
+    again = [release_from_mapping({"tag": "v1.0.0"}),
+             release_from_mapping({"tag": "v1.1.0", "published": "2026-01-01"}),
+             release_from_mapping({"tag": "v1.2.0"})]  # fmt: skip
+    assert await storage.import_releases("opa", again) == (1, 1)
+
+
+async def test_stats_count_instances_per_version_and_platform(storage: Storage) -> None:
+    ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
+    await storage.write_batch([report(ids[0], "1.5.1"), report(ids[1], "1.5.1"),
+                               report(ids[2], "1.20.2"), report(ids[0], "1.5.1")], ["opa"],
+                              DAY1)  # fmt: skip
+    await storage.write_batch([Report("opa", ids[3], parse_version("0.26.0-dev"), None, None,
+                                      None, None)], [], DAY2)  # fmt: skip
+    stats = await storage.stats("opa", "2026-09-21")
+    assert (stats.instances, stats.reports, stats.version_checks) == (4, 5, 1)
+    assert [(v.version, v.instances, v.reports) for v in stats.by_version] == [
+        ("1.20.2", 1, 1), ("1.5.1", 2, 3), ("0.26.0-dev", 1, 1)]  # fmt: skip
+    assert [(p.os, p.arch, p.instances) for p in stats.by_platform] == [
+        ("linux", "amd64", 3), ("unknown", "unknown", 1)]  # fmt: skip
+    assert (await storage.stats("opa", "2026-09-22")).instances == 1
+
+
+async def test_migrate_applies_missing_steps_in_order_and_keeps_data(tmp_path: Path) -> None:
+    steps = (("CREATE TABLE a (x)", "INSERT INTO a VALUES (1)"), ("ALTER TABLE a ADD y",))
+    async with aiosqlite.connect(tmp_path / "m.db", isolation_level=None) as conn:
+        await _migrate(conn, steps[:1])
+        await conn.execute("INSERT INTO a (x) VALUES (2)")
+        await _migrate(conn, steps)  # an existing database at version 1 gets step 2 only
+        await _migrate(conn, steps)  # and migrating again changes nothing
+        async with conn.execute("SELECT x, y FROM a ORDER BY x") as cursor:
+            assert await cursor.fetchall() == [(1, None), (2, None)]
+        async with conn.execute("PRAGMA user_version") as cursor:
+            assert await cursor.fetchone() == (2,)
+
+
+async def test_failed_migration_step_leaves_database_unchanged(tmp_path: Path) -> None:
+    steps = (("CREATE TABLE a (x)",), ("CREATE TABLE b (x)", "THIS IS NOT SQL"))
+    async with aiosqlite.connect(tmp_path / "m.db", isolation_level=None) as conn:
+        with pytest.raises(sqlite3.OperationalError):
+            await _migrate(conn, steps)
+        async with conn.execute("SELECT name FROM sqlite_master ORDER BY name") as cursor:
+            assert await cursor.fetchall() == [("a",)]
+        async with conn.execute("PRAGMA user_version") as cursor:
+            assert await cursor.fetchone() == (1,)
+
+
+async def test_open_refuses_a_database_from_a_newer_version(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "new.db") as conn:
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(SchemaError, match="newer"):
+        await Storage.open(tmp_path / "new.db")
+
+
+async def test_open_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(SchemaError, match="cannot use"):
+        await Storage.open(tmp_path / "junk.db")
