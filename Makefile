@@ -34,6 +34,9 @@ test: $(VENV)/.stamp-test
 lint: $(VENV)/.stamp-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	mkdir -p build/typecheck
+	ln -sfn ../../client build/typecheck/opa_telemetry
+	ln -sfn ../../server build/typecheck/opa_telemetry_server
 	$(BIN)/mypy
 
 fmt: $(VENV)/.stamp-lint

@@ -34,15 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--url", help=f"service base URL (default: ${SERVICE_URL_ENV}, else {service_base_url(None, {})})"
-    )  # fmt: skip
+        "--url",
+        help=f"service base URL (default: ${SERVICE_URL_ENV}, else {service_base_url(None, {})})",
+    )
     common.add_argument(
         "--product", default=DEFAULT_PRODUCT, help=f"product name (default: {DEFAULT_PRODUCT})"
     )
     common.add_argument(
-        "--version", dest="product_version", default="0.0.0", metavar="VERSION",
+        "--version",
+        dest="product_version",
+        default="0.0.0",
+        metavar="VERSION",
         help="version to report (default 0.0.0, which is older than any release)",
-    )  # fmt: skip
+    )
     common.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     commands.add_parser("check", parents=[common], help="print the latest release")
     report = commands.add_parser("report", parents=[common], help="send one report")
@@ -91,6 +95,3 @@ def _report(args: argparse.Namespace) -> int:
         print("DO_NOT_TRACK is set: nothing sent", file=sys.stderr)
         return 0
     return _check(args)
-
-
-

@@ -1,10 +1,10 @@
 """Errors raised by :func:`opa_telemetry.check_latest` (the background reporter raises none).
 
-    TelemetryError ............. base of everything below
-    ├── TransportError ......... no complete answer: refused, reset, DNS, TLS, redirect loop
-    │   └── RequestTimeoutError  no answer within the timeout
-    ├── ServiceError ........... the service answered with a status other than 200
-    └── AnswerError ............ a 200 whose body is not the expected JSON (or too large)
+TelemetryError ............. base of everything below
+├── TransportError ......... no complete answer: refused, reset, DNS, TLS, redirect loop
+│   └── RequestTimeoutError  no answer within the timeout
+├── ServiceError ........... the service answered with a status other than 200
+└── AnswerError ............ a 200 whose body is not the expected JSON (or too large)
 """
 
 from __future__ import annotations

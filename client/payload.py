@@ -32,10 +32,19 @@ RESERVED_KEYS = frozenset({"id", "version", "heap_usage_bytes"})
 
 _GO_OS = {"linux": "linux", "darwin": "darwin", "win32": "windows", "cygwin": "windows"}
 _GO_ARCH = {
-    "x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-    "i386": "386", "i686": "386", "x86": "386", "armv7l": "arm", "armv6l": "arm",
-    "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64",
-}  # fmt: skip
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "i386": "386",
+    "i686": "386",
+    "x86": "386",
+    "armv7l": "arm",
+    "armv6l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,16 +67,17 @@ def go_arch(machine: str | None = None) -> str:
     return _GO_ARCH.get(name, name)
 
 
-def user_agent(product: str, version: str, os_name: str | None = None,
-               arch: str | None = None) -> str:  # fmt: skip
+def user_agent(
+    product: str, version: str, os_name: str | None = None, arch: str | None = None
+) -> str:
     """``<product>/<version> (<os>, <arch>)``, e.g. ``Open Policy Agent/1.6.0 (linux, amd64)``."""
     return f"{product}/{version} ({os_name or go_os()}, {arch or go_arch()})"
 
 
 def check_product_name(product: str) -> str:
     """Return ``product`` if it can stand in a User-Agent token; raise ValueError otherwise."""
-    if not product or not product[0].isalpha() or any(c in product for c in "/()\r\n\""):
-        raise ValueError(f"product name {product!r} must start with a letter and contain no /()\"")
+    if not product or not product[0].isalpha() or any(c in product for c in '/()\r\n"'):
+        raise ValueError(f'product name {product!r} must start with a letter and contain no /()"')
     return product
 
 

@@ -171,11 +171,19 @@ class Reporter:
         if not latest.up_to_date and latest.latest_release:
             logger.info(
                 "%s is out of date: current_version=%s latest_version=%s download=%s"
-                " release_notes=%s", self.product, self.version, latest.version,
-                latest.download, latest.release_notes,
-                extra={"current_version": self.version, "latest_version": latest.version,
-                       "download": latest.download, "release_notes": latest.release_notes},
-            )  # fmt: skip
+                " release_notes=%s",
+                self.product,
+                self.version,
+                latest.version,
+                latest.download,
+                latest.release_notes,
+                extra={
+                    "current_version": self.version,
+                    "latest_version": latest.version,
+                    "download": latest.download,
+                    "release_notes": latest.release_notes,
+                },
+            )
         if self._on_latest is not None:
             result = self._on_latest(latest)
             if inspect.isawaitable(result):
@@ -203,4 +211,3 @@ async def check_latest(
     async with transport.new_session() as session:
         latest: LatestRelease = await transport.post_report(session, target, payload, timeout)
     return latest
-

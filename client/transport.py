@@ -39,8 +39,9 @@ async def post_report(
     try:
         async with (
             asyncio.timeout(timeout),
-            session.post(url, data=payload.body, headers=headers, max_redirects=MAX_REDIRECTS)
-            as response,
+            session.post(
+                url, data=payload.body, headers=headers, max_redirects=MAX_REDIRECTS
+            ) as response,
         ):
             body = await _read_capped(response.content)
             status, retry_after = response.status, response.headers.get("Retry-After")

@@ -10,46 +10,17 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from .appkeys import CATALOG, CODEC, INGEST, REPOS, SETTINGS, STORAGE
+from .catalog import CatalogCache
 from .codec import json_codec
 from .ingest import Ingest
 from .middlewares import error_middleware
 from .protocol import DEFAULT_PRODUCT
-from .releases import Catalog, bundled_releases
+from .releases import bundled_releases
 from .routes import setup_routes
 from .settings import Settings
 from .storage import Storage
 
 logger = logging.getLogger(__name__)
-
-
-class CatalogCache:
-    """The release catalog held in memory for the hot path, reloaded when the database's
-    catalog generation changes (the CLI or another process edited it)."""
-
-    def __init__(self, storage: Storage, interval: float) -> None:
-        self._storage = storage
-        self._interval = interval
-        self._generation = -1
-        self.catalog = Catalog()
-
-    async def refresh(self) -> bool:
-        """Reload if the catalog changed since the last load; returns whether it did."""
-        generation = await self._storage.catalog_generation()
-        if generation == self._generation:
-            return False
-        self.catalog = await self._storage.load_catalog()
-        self._generation = generation
-        return True
-
-    async def run(self) -> None:
-        """Poll for changes forever; a failed poll is retried at the next interval."""
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                if await self.refresh():
-                    logger.info("release catalog reloaded")
-            except Exception:
-                logger.warning("release catalog refresh failed", exc_info=True)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -99,8 +70,9 @@ async def _drain(ingest: Ingest, writer: asyncio.Task[None], timeout: float) -> 
         await asyncio.wait_for(ingest.stop(), timeout)
         await asyncio.wait_for(asyncio.shield(writer), timeout)
     except TimeoutError:
-        logger.warning("writer did not drain within %.1fs; %d reports dropped", timeout,
-                       ingest.pending)  # fmt: skip
+        logger.warning(
+            "writer did not drain within %.1fs; %d reports dropped", timeout, ingest.pending
+        )
     await _cancel(writer)
 
 

@@ -28,7 +28,7 @@ from .errors import CatalogError, SchemaError, TelemetryError
 from .middlewares import ACCESS_LOG_FORMAT
 from .protocol import DEFAULT_PRODUCT
 from .releases import Release, release_from_mapping, releases_from_json
-from .settings import Settings, env_name
+from .settings import DEFAULT_DB, Settings, env_name
 from .storage import Stats, Storage
 
 logger = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     _add_settings_flags(serve, environ)
     serve.set_defaults(run=_run_serve)
 
-    db_default = environ.get(env_name("db"), Settings.db)
-    db_help = f"SQLite database (env {env_name('db')}; default {Settings.db})"
+    db_default = environ.get(env_name("db"), DEFAULT_DB)
+    db_help = f"SQLite database (env {env_name('db')}; default {DEFAULT_DB})"
 
     releases = commands.add_parser("releases", help="manage the release catalog")
     actions = releases.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -84,9 +84,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add.add_argument("tag", help="release tag, e.g. v1.21.0")
     add.add_argument("--notes", help="release notes URL (default: OPA's GitHub release page)")
     add.add_argument(
-        "--asset", action="append", default=[], metavar="NAME",
+        "--asset",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="asset name (opa_linux_amd64) or full URL; repeat for each",
-    )  # fmt: skip
+    )
     add.add_argument("--published", help="release date, YYYY-MM-DD (default: today)")
     add.add_argument("--prerelease", action="store_true", help="never offer it as latest")
     add.add_argument("--replace", action="store_true", help="overwrite an existing tag")
@@ -321,8 +324,10 @@ def _run_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(stats), indent=1))
         return 0
-    print(f"{stats.product} since {stats.since} (UTC): {stats.instances} instances,"
-          f" {stats.reports} reports, {stats.version_checks} release checks")  # fmt: skip
+    print(
+        f"{stats.product} since {stats.since} (UTC): {stats.instances} instances,"
+        f" {stats.reports} reports, {stats.version_checks} release checks"
+    )
     print(f"\n{'VERSION':<24} {'INSTANCES':>9} {'REPORTS':>9}")
     for v in stats.by_version:
         print(f"{v.version:<24} {v.instances:>9} {v.reports:>9}")
@@ -330,4 +335,3 @@ def _run_stats(args: argparse.Namespace) -> int:
     for p in stats.by_platform:
         print(f"{p.os:<10} {p.arch:<10} {p.instances:>9}")
     return 0
-

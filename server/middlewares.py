@@ -44,9 +44,7 @@ def json_error(
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
     body = json.dumps({"error": message, "details": list(details)}).encode()
-    return web.Response(
-        status=status, body=body, content_type="application/json", headers=headers
-    )
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 @web.middleware
@@ -60,7 +58,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+        kept = {str(name): exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
         return json_error(exc.status, exc.reason, headers=kept)
     except asyncio.CancelledError:
         raise

@@ -47,9 +47,7 @@ def asset_for_platform(assets: Iterable[str], os_name: str | None, arch: str | N
         return None
     by_name = {asset.rsplit("/", 1)[-1]: asset for asset in assets}
     stem = f"opa_{os_name}_{arch}"
-    candidates = (
-        (f"{stem}.exe",) if os_name == "windows" else (stem, f"{stem}_static")
-    )
+    candidates = (f"{stem}.exe",) if os_name == "windows" else (stem, f"{stem}_static")
     for name in candidates:
         if name in by_name:
             return by_name[name]

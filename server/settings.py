@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 ENV_PREFIX = "OPA_TELEMETRY_SERVER_"
+DEFAULT_DB = "opa-telemetry.db"
 DEFAULT_PORT = 9181  # not OPA's 8181: operators run both on one host
 DEFAULT_REPOS = "open-policy-agent/opa=opa"
 
@@ -23,7 +24,7 @@ def _knob(default: Any, help: str, **extra: Any) -> Any:
 class Settings:
     host: str = _knob("127.0.0.1", "address to listen on")
     port: int = _knob(DEFAULT_PORT, "TCP port to listen on (0 picks a free one)")
-    db: str = _knob("opa-telemetry.db", "path of the SQLite database file (created if missing)")
+    db: str = _knob(DEFAULT_DB, "path of the SQLite database file (created if missing)")
     prefix: str = _knob("", "mount path prefix, e.g. /custom serves /custom/v1/version")
     log_level: str = _knob("info", "log level: debug, info, warning, error")
     access_log: bool = _knob(True, "log one line per request (never the client address)")

@@ -179,10 +179,20 @@ class Storage:
         """
         day, seconds = utc_day(now), int(now)
         report_rows = [
-            (r.product, day, r.instance_id, seconds, seconds, str(r.version), r.os, r.arch,
-             r.heap_usage_bytes, r.min_compatible_version)
+            (
+                r.product,
+                day,
+                r.instance_id,
+                seconds,
+                seconds,
+                str(r.version),
+                r.os,
+                r.arch,
+                r.heap_usage_bytes,
+                r.min_compatible_version,
+            )
             for r in reports
-        ]  # fmt: skip
+        ]
         check_rows = [(product, day, n) for product, n in Counter(checks).items()]
         try:
             await self._conn.execute("BEGIN IMMEDIATE")
@@ -257,9 +267,7 @@ class Storage:
             await self._rollback()
             raise
 
-    async def import_releases(
-        self, product: str, releases: Sequence[Release]
-    ) -> tuple[int, int]:
+    async def import_releases(self, product: str, releases: Sequence[Release]) -> tuple[int, int]:
         """Add new tags and update changed ones in one transaction; returns (added, updated)."""
         await self._conn.execute("BEGIN IMMEDIATE")
         try:
@@ -327,9 +335,14 @@ def _checked_synchronous(value: str) -> str:
 def _release_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Release:
     release_id, _product, tag, notes, assets, published, prerelease = row
     release = release_from_mapping(
-        {"tag": tag, "release_notes": notes, "assets": json.loads(assets),
-         "published": published, "prerelease": bool(prerelease)}
-    )  # fmt: skip
+        {
+            "tag": tag,
+            "release_notes": notes,
+            "assets": json.loads(assets),
+            "published": published,
+            "prerelease": bool(prerelease),
+        }
+    )
     return replace(release, id=int(release_id))
 
 

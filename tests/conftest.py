@@ -27,8 +27,12 @@ AiohttpServer = Callable[..., Awaitable[TestServer]]
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"db": str(tmp_path / "telemetry.db"), "port": 0,
-                              "access_log": False, "catalog_refresh": 0.05}  # fmt: skip
+    values: dict[str, Any] = {
+        "db": str(tmp_path / "telemetry.db"),
+        "port": 0,
+        "access_log": False,
+        "catalog_refresh": 0.05,
+    }
     values.update(overrides)
     return Settings(**values)
 
@@ -62,11 +66,15 @@ class FakeService:
     mode: str = "ok"
     status: int = 500
     answer: dict[str, Any] = field(
-        default_factory=lambda: {"latest": {
-            "download": "https://openpolicyagent.org/downloads/v1.20.2/opa_linux_amd64",
-            "release_notes": "https://github.com/open-policy-agent/opa/releases/tag/v1.20.2",
-            "latest_release": "v1.20.2", "opa_up_to_date": False}}
-    )  # fmt: skip
+        default_factory=lambda: {
+            "latest": {
+                "download": "https://openpolicyagent.org/downloads/v1.20.2/opa_linux_amd64",
+                "release_notes": "https://github.com/open-policy-agent/opa/releases/tag/v1.20.2",
+                "latest_release": "v1.20.2",
+                "opa_up_to_date": False,
+            }
+        }
+    )
     requests: list[tuple[dict[str, str], bytes, str]] = field(default_factory=list)
     received: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
@@ -77,8 +85,9 @@ class FakeService:
         if self.mode == "hang":
             await asyncio.Event().wait()
         if self.mode == "status":
-            return web.json_response({"error": "nope"}, status=self.status,
-                                     headers={"Retry-After": "7"})  # fmt: skip
+            return web.json_response(
+                {"error": "nope"}, status=self.status, headers={"Retry-After": "7"}
+            )
         if self.mode == "garbage":
             return web.Response(body=b"<html>not json", content_type="text/html")
         if self.mode == "huge":

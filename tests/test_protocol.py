@@ -19,8 +19,10 @@ OPA = ClientInfo("opa", "linux", "amd64")
     [
         ("Open Policy Agent/1.5.1 (linux, amd64)", ClientInfo("opa", "linux", "amd64")),
         ("Open-Policy-Agent/1.18.0 (linux, amd64)", ClientInfo("opa", "linux", "amd64")),
-        ("Enterprise OPA/1.2.0 Open Policy Agent/1.5.1 (linux, amd64)",
-         ClientInfo("opa", "linux", "amd64")),
+        (
+            "Enterprise OPA/1.2.0 Open Policy Agent/1.5.1 (linux, amd64)",
+            ClientInfo("opa", "linux", "amd64"),
+        ),
         ('"Open Policy Agent/v0.12.3 (darwin, amd64)"', ClientInfo("opa", "darwin", "amd64")),
         ("Open Policy Agent/1.5.1 (windows, arm64)", ClientInfo("opa", "windows", "arm64")),
         ("MyApp/1.2.3 (linux, amd64)", ClientInfo("myapp", "linux", "amd64")),
@@ -33,7 +35,7 @@ OPA = ClientInfo("opa", "linux", "amd64")
         ("(linux, amd64)", ClientInfo("opa", "linux", "amd64")),
         ("x" * 600, ClientInfo("opa")),
     ],
-)  # fmt: skip
+)
 def test_parse_user_agent_reads_every_form(header: str | None, expected: ClientInfo) -> None:
     assert parse_user_agent(header) == expected
 
@@ -45,8 +47,10 @@ def parse(body: object, client: ClientInfo = OPA) -> object:
 def test_parse_report_accepts_what_opa_sends() -> None:
     report = parse_report(
         b'{"heap_usage_bytes":"2106336","id":"a72dc36a-72db-458d-9208-9be4189e4ab7",'
-        b'"version":"1.6.0"}\n', OPA, json.loads,
-    )  # fmt: skip
+        b'"version":"1.6.0"}\n',
+        OPA,
+        json.loads,
+    )
     assert report.instance_id == INSTANCE_ID
     assert str(report.version) == "1.6.0"
     assert report.heap_usage_bytes == 2106336
@@ -55,8 +59,15 @@ def test_parse_report_accepts_what_opa_sends() -> None:
 
 
 def test_parse_report_accepts_variants_and_ignores_unknown_keys() -> None:
-    report = parse(report_body(version="v0.12.3", heap_usage_bytes=42, id=INSTANCE_ID.upper(),
-                               min_compatible_version="0.50.0", bundles={"b": {}}))  # fmt: skip
+    report = parse(
+        report_body(
+            version="v0.12.3",
+            heap_usage_bytes=42,
+            id=INSTANCE_ID.upper(),
+            min_compatible_version="0.50.0",
+            bundles={"b": {}},
+        )
+    )
     assert str(report.version) == "0.12.3"  # type: ignore[attr-defined]
     assert report.heap_usage_bytes == 42  # type: ignore[attr-defined]
     assert report.instance_id == INSTANCE_ID  # type: ignore[attr-defined]
@@ -88,7 +99,7 @@ def test_parse_report_takes_empty_min_compatible_version_and_missing_heap() -> N
         (report_body(min_compatible_version="soon"), "min_compatible_version"),
         (report_body(min_compatible_version=[]), "min_compatible_version"),
     ],
-)  # fmt: skip
+)
 def test_parse_report_names_the_invalid_field(body: object, field: str) -> None:
     with pytest.raises(ReportError) as caught:
         parse(body)

@@ -45,23 +45,27 @@ def test_bundled_catalog_is_opas_history() -> None:
         ("v0.37.0", "linux", "arm64", "opa_linux_arm64_static"),
         ("v0.36.1", "darwin", "arm64", "opa_darwin_arm64_static"),
     ],
-)  # fmt: skip
-def test_download_link_is_an_asset_that_exists(tag: str, os_name: str, arch: str,
-                                               asset: str) -> None:  # fmt: skip
+)
+def test_download_link_is_an_asset_that_exists(
+    tag: str, os_name: str, arch: str, asset: str
+) -> None:
     assert link(tag, os_name, arch) == f"https://openpolicyagent.org/downloads/{tag}/{asset}"
     assert asset in BUNDLED[tag].assets
 
 
 @pytest.mark.parametrize(
     ("tag", "os_name", "arch"),
-    [("v0.36.0", "linux", "arm64"),   # linux/arm64 static only from v0.37.0
-     ("v0.36.0", "darwin", "arm64"),  # darwin/arm64 static only from v0.36.1
-     ("v1.20.2", "windows", "arm64"),  # windows is amd64 only
-     ("v1.20.2", "freebsd", "amd64"),
-     ("v1.20.2", None, None)],         # platform unknown
-)  # fmt: skip
-def test_download_link_falls_back_to_release_page(tag: str, os_name: str | None,
-                                                  arch: str | None) -> None:  # fmt: skip
+    [
+        ("v0.36.0", "linux", "arm64"),  # linux/arm64 static only from v0.37.0
+        ("v0.36.0", "darwin", "arm64"),  # darwin/arm64 static only from v0.36.1
+        ("v1.20.2", "windows", "arm64"),  # windows is amd64 only
+        ("v1.20.2", "freebsd", "amd64"),
+        ("v1.20.2", None, None),
+    ],  # platform unknown
+)
+def test_download_link_falls_back_to_release_page(
+    tag: str, os_name: str | None, arch: str | None
+) -> None:
     assert link(tag, os_name, arch) == BUNDLED[tag].release_notes
 
 
@@ -77,8 +81,15 @@ def test_latest_skips_prereleases_and_orders_by_precedence() -> None:
     def rel(tag: str, pre: bool = False) -> Release:
         return release_from_mapping({"tag": tag, "prerelease": pre})
 
-    catalog = Catalog([("opa", rel("v1.9.0")), ("opa", rel("v1.10.0")), ("opa", rel("v2.0.0-rc.1")),
-                       ("opa", rel("v1.11.0", pre=True)), ("app", rel("0.1.0"))])  # fmt: skip
+    catalog = Catalog(
+        [
+            ("opa", rel("v1.9.0")),
+            ("opa", rel("v1.10.0")),
+            ("opa", rel("v2.0.0-rc.1")),
+            ("opa", rel("v1.11.0", pre=True)),
+            ("app", rel("0.1.0")),
+        ]
+    )
     assert catalog.latest("opa").tag == "v1.10.0"  # type: ignore[union-attr]
     assert catalog.latest("app").tag == "0.1.0"  # type: ignore[union-attr]
     assert catalog.latest("nothing") is None
@@ -93,9 +104,7 @@ def test_latest_answer_always_carries_three_strings() -> None:
         "latest_release": "v1.20.2",
         "opa_up_to_date": True,
     }
-    assert latest_answer(None, parse_version("1.0.0"), "linux", "amd64") == {
-        "opa_up_to_date": True
-    }
+    assert latest_answer(None, parse_version("1.0.0"), "linux", "amd64") == {"opa_up_to_date": True}
 
 
 def test_asset_given_as_url_is_used_as_is() -> None:
@@ -114,9 +123,15 @@ def test_release_from_mapping_fills_defaults() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ['{"tag": "v1"}', "[{}]", '[{"tag": "nope"}]', '[{"tag": "v1.0.0", "assets": "x"}]',
-     '[{"tag": "v1.0.0", "published": "yesterday"}]', "not json"],
-)  # fmt: skip
+    [
+        '{"tag": "v1"}',
+        "[{}]",
+        '[{"tag": "nope"}]',
+        '[{"tag": "v1.0.0", "assets": "x"}]',
+        '[{"tag": "v1.0.0", "published": "yesterday"}]',
+        "not json",
+    ],
+)
 def test_releases_from_json_rejects_bad_files(text: str) -> None:
     with pytest.raises(CatalogError):
         releases_from_json(text)

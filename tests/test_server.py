@@ -21,33 +21,41 @@ Client = TestClient[Any, Any]
 JSON = {"Content-Type": "application/json"}
 
 
-async def post(client: Client, body: Any, ua: str = OPA_UA, path: str = "/v1/version",
-               **kwargs: Any) -> Any:  # fmt: skip
+async def post(
+    client: Client, body: Any, ua: str = OPA_UA, path: str = "/v1/version", **kwargs: Any
+) -> Any:
     headers = {**JSON, "User-Agent": ua, **kwargs.pop("headers", {})}
     return await client.post(path, json=body, headers=headers, **kwargs)
 
 
-def stored(settings: Settings, sql: str = "SELECT product, version, os, arch, report_count"
-           " FROM reports ORDER BY product") -> list[tuple[Any, ...]]:  # fmt: skip
+def stored(
+    settings: Settings,
+    sql: str = "SELECT product, version, os, arch, report_count FROM reports ORDER BY product",
+) -> list[tuple[Any, ...]]:
     with sqlite3.connect(settings.db) as conn:
         return conn.execute(sql).fetchall()
 
 
-async def test_post_version_stores_report_and_answers_latest(client: Client,
-                                                             settings: Settings) -> None:  # fmt: skip
+async def test_post_version_stores_report_and_answers_latest(
+    client: Client, settings: Settings
+) -> None:
     response = await post(client, report_body(version="1.5.1"))
     assert response.status == 200
-    assert await response.json() == {"latest": {
-        "download": "https://openpolicyagent.org/downloads/v1.20.2/opa_linux_amd64",
-        "release_notes": "https://github.com/open-policy-agent/opa/releases/tag/v1.20.2",
-        "latest_release": "v1.20.2",
-        "opa_up_to_date": False}}  # fmt: skip
+    assert await response.json() == {
+        "latest": {
+            "download": "https://openpolicyagent.org/downloads/v1.20.2/opa_linux_amd64",
+            "release_notes": "https://github.com/open-policy-agent/opa/releases/tag/v1.20.2",
+            "latest_release": "v1.20.2",
+            "opa_up_to_date": False,
+        }
+    }
     assert stored(settings) == [("opa", "1.5.1", "linux", "amd64", 1)]
 
 
 async def test_post_version_up_to_date_and_platform_specific_link(client: Client) -> None:
-    response = await post(client, report_body(version="1.20.2"),
-                          ua="Open-Policy-Agent/1.20.2 (darwin, arm64)")  # fmt: skip
+    response = await post(
+        client, report_body(version="1.20.2"), ua="Open-Policy-Agent/1.20.2 (darwin, arm64)"
+    )
     latest = (await response.json())["latest"]
     assert latest["opa_up_to_date"] is True
     assert latest["download"].endswith("/v1.20.2/opa_darwin_arm64")
@@ -55,16 +63,18 @@ async def test_post_version_up_to_date_and_platform_specific_link(client: Client
 
 @pytest.mark.parametrize(
     "ua",
-    ["Open Policy Agent/1.5.1 (linux, amd64)", "Open-Policy-Agent/1.18.0 (linux, amd64)",
-     "Enterprise OPA/1.2.0 Open Policy Agent/1.5.1 (linux, amd64)",
-     '"Open Policy Agent/v0.12.3 (linux, amd64)"'],
-)  # fmt: skip
-async def test_every_opa_user_agent_is_product_opa(client: Client, settings: Settings,
-                                                   ua: str) -> None:  # fmt: skip
+    [
+        "Open Policy Agent/1.5.1 (linux, amd64)",
+        "Open-Policy-Agent/1.18.0 (linux, amd64)",
+        "Enterprise OPA/1.2.0 Open Policy Agent/1.5.1 (linux, amd64)",
+        '"Open Policy Agent/v0.12.3 (linux, amd64)"',
+    ],
+)
+async def test_every_opa_user_agent_is_product_opa(
+    client: Client, settings: Settings, ua: str
+) -> None:
     assert (await post(client, report_body(), ua=ua)).status == 200
-    assert stored(settings, "SELECT product, os, arch FROM reports") == [
-        ("opa", "linux", "amd64")
-    ]
+    assert stored(settings, "SELECT product, os, arch FROM reports") == [("opa", "linux", "amd64")]
 
 
 async def test_unknown_product_is_stored_and_answered_with_no_release(
@@ -83,10 +93,12 @@ async def test_unknown_user_agent_still_accepted_with_platform_unknown(
     assert stored(settings) == [("opa", "1.5.1", None, None, 1)]
 
 
-async def test_unknown_body_keys_are_accepted_but_not_stored(client: Client,
-                                                             settings: Settings) -> None:  # fmt: skip
-    body = report_body(min_compatible_version="0.60.0", bundles={"secret-bundle": {}},
-                       license="key-123")  # fmt: skip
+async def test_unknown_body_keys_are_accepted_but_not_stored(
+    client: Client, settings: Settings
+) -> None:
+    body = report_body(
+        min_compatible_version="0.60.0", bundles={"secret-bundle": {}}, license="key-123"
+    )
     assert (await post(client, body)).status == 200
     with sqlite3.connect(settings.db) as conn:
         dump = "\n".join(conn.iterdump())
@@ -113,13 +125,17 @@ async def expect_error(response: Any, status: int, detail: str | None = None) ->
 
 @pytest.mark.parametrize(
     ("raw", "status", "detail"),
-    [(b"{not json", 400, None), (b"[1, 2]", 400, "list"), (b"", 400, None),
-     (b'{"version": "1.5.1"}', 400, "id: required"),
-     (b'{"id": "123", "version": "1.5.1"}', 400, "id: not a UUID"),
-     (f'{{"id": "{INSTANCE_ID}"}}'.encode(), 400, "version: required"),
-     (f'{{"id": "{INSTANCE_ID}", "version": "one"}}'.encode(), 400, "version: not a version"),
-     (b"\xff\xfe\x00", 400, None)],
-)  # fmt: skip
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, "list"),
+        (b"", 400, None),
+        (b'{"version": "1.5.1"}', 400, "id: required"),
+        (b'{"id": "123", "version": "1.5.1"}', 400, "id: not a UUID"),
+        (f'{{"id": "{INSTANCE_ID}"}}'.encode(), 400, "version: required"),
+        (f'{{"id": "{INSTANCE_ID}", "version": "one"}}'.encode(), 400, "version: not a version"),
+        (b"\xff\xfe\x00", 400, None),
+    ],
+)
 async def test_bad_bodies_get_400_naming_the_problem(
     client: Client, settings: Settings, raw: bytes, status: int, detail: str | None
 ) -> None:
@@ -136,13 +152,15 @@ async def test_wrong_content_type_gets_415(client: Client, content_type: str | N
 
 
 async def test_content_type_with_charset_is_accepted(client: Client) -> None:
-    response = await post(client, report_body(),
-                          headers={"Content-Type": "application/json; charset=utf-8"})  # fmt: skip
+    response = await post(
+        client, report_body(), headers={"Content-Type": "application/json; charset=utf-8"}
+    )
     assert response.status == 200
 
 
-async def test_oversized_body_gets_413_and_is_not_stored(client: Client,
-                                                         settings: Settings) -> None:  # fmt: skip
+async def test_oversized_body_gets_413_and_is_not_stored(
+    client: Client, settings: Settings
+) -> None:
     big = report_body(padding="x" * (settings.max_body_bytes + 1))
     await expect_error(await post(client, big), 413)
 
@@ -164,8 +182,9 @@ async def test_unknown_route_is_404_and_wrong_method_is_405(client: Client) -> N
     await expect_error(await client.put("/healthz"), 405)
 
 
-async def test_mount_prefix_serves_every_route_under_it(aiohttp_client: AiohttpClient,
-                                                        tmp_path: Path) -> None:  # fmt: skip
+async def test_mount_prefix_serves_every_route_under_it(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
     client = await aiohttp_client(create_app(make_settings(tmp_path, prefix="/custom")))
     assert (await post(client, report_body(), path="/custom/v1/version")).status == 200
     assert (await client.get("/custom/healthz")).status == 200
@@ -180,10 +199,13 @@ async def test_health_and_readiness(client: Client) -> None:
     assert ready.status == 200 and (await ready.json())["status"] == "ready"
 
 
-async def test_github_latest_release_shape_and_anonymous_count(client: Client,
-                                                               settings: Settings) -> None:  # fmt: skip
-    response = await client.get("/repos/open-policy-agent/opa/releases/latest",
-                                headers={"User-Agent": "OPA-Version-Checker"})  # fmt: skip
+async def test_github_latest_release_shape_and_anonymous_count(
+    client: Client, settings: Settings
+) -> None:
+    response = await client.get(
+        "/repos/open-policy-agent/opa/releases/latest",
+        headers={"User-Agent": "OPA-Version-Checker"},
+    )
     assert response.status == 200
     body = await response.json()
     assert body["tag_name"] == "v1.20.2" and body["name"] == "v1.20.2"
@@ -199,19 +221,22 @@ async def test_github_latest_release_shape_and_anonymous_count(client: Client,
     assert stored(settings, "SELECT product, check_count FROM version_checks") == [("opa", 1)]
 
 
-async def test_github_route_for_a_repo_without_releases_is_404(client: Client,
-                                                               settings: Settings) -> None:  # fmt: skip
+async def test_github_route_for_a_repo_without_releases_is_404(
+    client: Client, settings: Settings
+) -> None:
     await expect_error(await client.get("/repos/acme/widget/releases/latest"), 404)
-    await expect_error(await client.get("/repos/open-policy-agent/opa/releases/999999/assets"),
-                       404)  # fmt: skip
+    await expect_error(await client.get("/repos/open-policy-agent/opa/releases/999999/assets"), 404)
     assert stored(settings, "SELECT * FROM version_checks") == []
 
 
-async def test_catalog_changes_from_another_process_are_picked_up(client: Client,
-                                                                  settings: Settings) -> None:  # fmt: skip
+async def test_catalog_changes_from_another_process_are_picked_up(
+    client: Client, settings: Settings
+) -> None:
     with sqlite3.connect(settings.db) as conn:
-        conn.execute("INSERT INTO releases (product, tag, release_notes, assets, added_at)"
-                     " VALUES ('opa', 'v1.21.0', 'https://notes', '[]', 0)")  # fmt: skip
+        conn.execute(
+            "INSERT INTO releases (product, tag, release_notes, assets, added_at)"
+            " VALUES ('opa', 'v1.21.0', 'https://notes', '[]', 0)"
+        )
     async with asyncio.timeout(10):  # hang guard; the refresh interval is 50 ms here
         while True:
             latest = (await (await post(client, report_body())).json())["latest"]
@@ -221,18 +246,21 @@ async def test_catalog_changes_from_another_process_are_picked_up(client: Client
     assert latest["download"] == "https://notes"
 
 
-async def test_concurrent_reports_are_group_committed(client: Client, settings: Settings,
-                                                      ) -> None:  # fmt: skip
+async def test_concurrent_reports_are_group_committed(
+    client: Client,
+    settings: Settings,
+) -> None:
     ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(200)]
     responses = await asyncio.gather(*(post(client, report_body(id=i)) for i in ids))
     assert {r.status for r in responses} == {200}
     assert stored(settings, "SELECT count(*), sum(report_count) FROM reports") == [(200, 200)]
-    ingest = client.app[INGEST]  # type: ignore[index]
+    ingest = client.app[INGEST]
     assert ingest.committed == 200 and ingest.batches < 200
 
 
-async def test_full_queue_answers_503_at_once_and_recovers(aiohttp_client: AiohttpClient,
-                                                           tmp_path: Path) -> None:  # fmt: skip
+async def test_full_queue_answers_503_at_once_and_recovers(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
     settings = make_settings(tmp_path, queue_size=2, busy_timeout=30.0)
     client = await aiohttp_client(create_app(settings))
     ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(4)]
@@ -240,7 +268,7 @@ async def test_full_queue_answers_503_at_once_and_recovers(aiohttp_client: Aioht
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     try:
         # The writer takes the first report and waits for the lock; two more fill the queue.
-        ingest = client.app[INGEST]  # type: ignore[index]
+        ingest = client.app[INGEST]
         waiting = [asyncio.ensure_future(post(client, report_body(id=ids[0])))]
         async with asyncio.timeout(10):  # hang guard
             while ingest.writing < 1:
@@ -259,8 +287,9 @@ async def test_full_queue_answers_503_at_once_and_recovers(aiohttp_client: Aioht
     assert (await post(client, report_body(id=ids[3]))).status == 200
 
 
-async def test_locked_database_answers_503_then_recovers(aiohttp_client: AiohttpClient,
-                                                         tmp_path: Path) -> None:  # fmt: skip
+async def test_locked_database_answers_503_then_recovers(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
     settings = make_settings(tmp_path, busy_timeout=0.1)
     client = await aiohttp_client(create_app(settings))
     blocker = sqlite3.connect(settings.db, isolation_level=None)
@@ -277,9 +306,14 @@ async def test_locked_database_answers_503_then_recovers(aiohttp_client: Aiohttp
 
 
 async def test_nothing_a_client_sends_produces_a_500(client: Client) -> None:
-    odd = [b"{}", b'{"id": null, "version": null}', b'{"id": {"a": 1}, "version": [1]}',
-           b'{"version": "1.0.0", "id": "' + INSTANCE_ID.encode() + b'", "heap_usage_bytes": 1e999}',
-           b'{"' + b"k" * 4000 + b'": 1}', b"\x00" * 100]  # fmt: skip
+    odd = [
+        b"{}",
+        b'{"id": null, "version": null}',
+        b'{"id": {"a": 1}, "version": [1]}',
+        b'{"version": "1.0.0", "id": "' + INSTANCE_ID.encode() + b'", "heap_usage_bytes": 1e999}',
+        b'{"' + b"k" * 4000 + b'": 1}',
+        b"\x00" * 100,
+    ]
     for raw in odd:
         response = await client.post("/v1/version", data=raw, headers=JSON)
         assert 400 <= response.status < 500, raw

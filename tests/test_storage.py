@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosqlite
@@ -21,8 +22,12 @@ DAY1 = 1_790_000_000.0  # 2026-09-21 UTC
 DAY2 = DAY1 + 86_400
 
 
-def report(instance: str = INSTANCE_ID, version: str = "1.5.1", product: str = "opa",
-           heap: int | None = 1000) -> Report:  # fmt: skip
+def report(
+    instance: str = INSTANCE_ID,
+    version: str = "1.5.1",
+    product: str = "opa",
+    heap: int | None = 1000,
+) -> Report:
     return Report(product, instance, parse_version(version), "linux", "amd64", heap, None)
 
 
@@ -32,9 +37,9 @@ def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
 
 
 @pytest.fixture
-async def storage(tmp_path: Path) -> Storage:
+async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
     opened = await Storage.open(tmp_path / "t.db")
-    yield opened  # type: ignore[misc]
+    yield opened
     await opened.close()
 
 
@@ -51,8 +56,11 @@ async def test_reports_upsert_per_product_day_and_instance(storage: Storage) -> 
     await storage.write_batch([report(version="1.6.0", heap=3)], [], DAY1 + 60)
     await storage.write_batch([report(heap=4)], [], DAY2)
     await storage.write_batch([report(product="myapp")], [], DAY2)
-    got = rows(Path(storage.path), "SELECT product, day, report_count, version, heap_usage_bytes,"
-               " first_seen_at, last_seen_at FROM reports ORDER BY product, day")  # fmt: skip
+    got = rows(
+        Path(storage.path),
+        "SELECT product, day, report_count, version, heap_usage_bytes,"
+        " first_seen_at, last_seen_at FROM reports ORDER BY product, day",
+    )
     assert got == [
         ("myapp", "2026-09-22", 1, "1.5.1", 1000, int(DAY2), int(DAY2)),
         ("opa", "2026-09-21", 3, "1.6.0", 3, int(DAY1), int(DAY1) + 60),
@@ -69,8 +77,11 @@ async def test_checks_are_counted_per_product_and_day(storage: Storage) -> None:
 
 async def test_hostile_strings_are_stored_verbatim_not_executed(storage: Storage) -> None:
     hostile = "x'); DROP TABLE reports; --"
-    await storage.write_batch([Report(hostile, INSTANCE_ID, parse_version("1.0.0"), hostile,
-                                      hostile, None, hostile)], [hostile], DAY1)  # fmt: skip
+    await storage.write_batch(
+        [Report(hostile, INSTANCE_ID, parse_version("1.0.0"), hostile, hostile, None, hostile)],
+        [hostile],
+        DAY1,
+    )
     got = rows(Path(storage.path), "SELECT product, os, min_compatible_version FROM reports")
     assert got == [(hostile, hostile, hostile)]
     assert rows(Path(storage.path), "SELECT product FROM version_checks") == [(hostile,)]
@@ -107,25 +118,40 @@ async def test_add_release_refuses_duplicates_unless_replacing(storage: Storage)
 async def test_import_counts_added_and_updated(storage: Storage) -> None:
     first = [release_from_mapping({"tag": "v1.0.0"}), release_from_mapping({"tag": "v1.1.0"})]
     assert await storage.import_releases("opa", first) == (2, 0)
-    again = [release_from_mapping({"tag": "v1.0.0"}),
-             release_from_mapping({"tag": "v1.1.0", "published": "2026-01-01"}),
-             release_from_mapping({"tag": "v1.2.0"})]  # fmt: skip
+    again = [
+        release_from_mapping({"tag": "v1.0.0"}),
+        release_from_mapping({"tag": "v1.1.0", "published": "2026-01-01"}),
+        release_from_mapping({"tag": "v1.2.0"}),
+    ]
     assert await storage.import_releases("opa", again) == (1, 1)
 
 
 async def test_stats_count_instances_per_version_and_platform(storage: Storage) -> None:
     ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
-    await storage.write_batch([report(ids[0], "1.5.1"), report(ids[1], "1.5.1"),
-                               report(ids[2], "1.20.2"), report(ids[0], "1.5.1")], ["opa"],
-                              DAY1)  # fmt: skip
-    await storage.write_batch([Report("opa", ids[3], parse_version("0.26.0-dev"), None, None,
-                                      None, None)], [], DAY2)  # fmt: skip
+    await storage.write_batch(
+        [
+            report(ids[0], "1.5.1"),
+            report(ids[1], "1.5.1"),
+            report(ids[2], "1.20.2"),
+            report(ids[0], "1.5.1"),
+        ],
+        ["opa"],
+        DAY1,
+    )
+    await storage.write_batch(
+        [Report("opa", ids[3], parse_version("0.26.0-dev"), None, None, None, None)], [], DAY2
+    )
     stats = await storage.stats("opa", "2026-09-21")
     assert (stats.instances, stats.reports, stats.version_checks) == (4, 5, 1)
     assert [(v.version, v.instances, v.reports) for v in stats.by_version] == [
-        ("1.20.2", 1, 1), ("1.5.1", 2, 3), ("0.26.0-dev", 1, 1)]  # fmt: skip
+        ("1.20.2", 1, 1),
+        ("1.5.1", 2, 3),
+        ("0.26.0-dev", 1, 1),
+    ]
     assert [(p.os, p.arch, p.instances) for p in stats.by_platform] == [
-        ("linux", "amd64", 3), ("unknown", "unknown", 1)]  # fmt: skip
+        ("linux", "amd64", 3),
+        ("unknown", "unknown", 1),
+    ]
     assert (await storage.stats("opa", "2026-09-22")).instances == 1
 
 
@@ -137,7 +163,7 @@ async def test_migrate_applies_missing_steps_in_order_and_keeps_data(tmp_path: P
         await _migrate(conn, steps)  # an existing database at version 1 gets step 2 only
         await _migrate(conn, steps)  # and migrating again changes nothing
         async with conn.execute("SELECT x, y FROM a ORDER BY x") as cursor:
-            assert await cursor.fetchall() == [(1, None), (2, None)]
+            assert list(await cursor.fetchall()) == [(1, None), (2, None)]
         async with conn.execute("PRAGMA user_version") as cursor:
             assert await cursor.fetchone() == (2,)
 
@@ -148,7 +174,7 @@ async def test_failed_migration_step_leaves_database_unchanged(tmp_path: Path) -
         with pytest.raises(sqlite3.OperationalError):
             await _migrate(conn, steps)
         async with conn.execute("SELECT name FROM sqlite_master ORDER BY name") as cursor:
-            assert await cursor.fetchall() == [("a",)]
+            assert list(await cursor.fetchall()) == [("a",)]
         async with conn.execute("PRAGMA user_version") as cursor:
             assert await cursor.fetchone() == (1,)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from opa_telemetry_server.versions import Version, VersionError, is_up_to_date, parse_version
 
 
-def key(text: str) -> object:
+def key(text: str) -> tuple[Any, ...]:
     return parse_version(text).precedence
 
 
@@ -20,8 +22,16 @@ def test_parse_version_strips_v_and_keeps_parts() -> None:
 
 def test_semver_spec_ordering_example_holds() -> None:
     # The ordering example of semver.org §11, shuffled, must sort back into place.
-    ordered = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta",
-               "1.0.0-beta.2", "1.0.0-beta.11", "1.0.0-rc.1", "1.0.0"]  # fmt: skip
+    ordered = [
+        "1.0.0-alpha",
+        "1.0.0-alpha.1",
+        "1.0.0-alpha.beta",
+        "1.0.0-beta",
+        "1.0.0-beta.2",
+        "1.0.0-beta.11",
+        "1.0.0-rc.1",
+        "1.0.0",
+    ]
     shuffled = ordered[3:] + ordered[:3]
     assert sorted(shuffled, key=key) == ordered
 
@@ -44,18 +54,27 @@ def test_numeric_identifiers_compare_numerically_not_lexically() -> None:
 
 @pytest.mark.parametrize(
     ("current", "latest", "expected"),
-    [("1.5.1", "v1.5.1", True), ("1.5.0", "v1.5.1", False), ("1.6.0", "v1.5.1", True),
-     ("1.5.1-dev", "v1.5.1", False), ("2.0.0-rc.1", "v1.20.2", True)],
-)  # fmt: skip
+    [
+        ("1.5.1", "v1.5.1", True),
+        ("1.5.0", "v1.5.1", False),
+        ("1.6.0", "v1.5.1", True),
+        ("1.5.1-dev", "v1.5.1", False),
+        ("2.0.0-rc.1", "v1.20.2", True),
+    ],
+)
 def test_is_up_to_date_follows_precedence(current: str, latest: str, expected: bool) -> None:
     assert is_up_to_date(parse_version(current), parse_version(latest)) is expected
 
 
 @pytest.mark.parametrize(
     ("pep440", "semver"),
-    [("2.0.0rc1", "2.0.0-rc.1"), ("1.2", "1.2.0"), ("1.2.3.dev4", "1.2.3-dev.4"),
-     ("1.0.post1", "1.0.0+post.1")],
-)  # fmt: skip
+    [
+        ("2.0.0rc1", "2.0.0-rc.1"),
+        ("1.2", "1.2.0"),
+        ("1.2.3.dev4", "1.2.3-dev.4"),
+        ("1.0.post1", "1.0.0+post.1"),
+    ],
+)
 def test_pep440_versions_map_onto_semver(pep440: str, semver: str) -> None:
     assert str(parse_version(pep440)) == semver
     assert key("2.0.0rc1") < key("2.0.0")
