@@ -29,7 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opa-telemetry", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="opa-telemetry",
+        description="Ask an opa-telemetry (or OPA-compatible) service for the latest release.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)

@@ -13,7 +13,7 @@ from .appkeys import CATALOG, CODEC, INGEST, REPOS, SETTINGS, STORAGE
 from .catalog import CatalogCache
 from .codec import json_codec
 from .ingest import Ingest
-from .middlewares import error_middleware
+from .middlewares import error_middleware, install_address_redaction
 from .protocol import DEFAULT_PRODUCT
 from .releases import bundled_releases
 from .routes import setup_routes
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> web.Application:
     """Build the application for ``settings``; the database opens when the app starts."""
+    install_address_redaction()
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[CODEC] = json_codec(settings.fast)

@@ -37,6 +37,26 @@ _KEPT_HEADERS = (hdrs.ALLOW,)
 ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs "%{User-Agent}i"'  # no %a: addresses are never logged
 
 
+class AddressRedactingFilter(logging.Filter):
+    """Drops the client address from aiohttp's "Error handling request from %s" records.
+
+    aiohttp logs malformed requests with the peer's address; we keep the event, not the address.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and " from %s" in record.msg:
+            record.msg = record.msg.replace(" from %s", "")
+            record.args = ()
+        return True
+
+
+def install_address_redaction() -> None:
+    """Attach the filter to aiohttp's server logger, once per process."""
+    server_logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, AddressRedactingFilter) for f in server_logger.filters):
+        server_logger.addFilter(AddressRedactingFilter())
+
+
 def json_error(
     status: int,
     message: str,
