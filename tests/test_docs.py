@@ -1,0 +1,46 @@
+"""The README documents every setting and every stored column; these tests keep it honest."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from pathlib import Path
+
+from opa_telemetry_server.settings import env_name, knobs
+from opa_telemetry_server.storage import Storage
+
+from .conftest import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def test_readme_configuration_table_lists_every_setting() -> None:
+    for name, _default, _help in knobs():
+        flag = name.replace("_", "-")
+        row = next((line for line in README.splitlines() if f"`{env_name(name)}`" in line), "")
+        assert row.startswith("| `--"), f"{env_name(name)} has no row in the settings table"
+        assert flag in row, f"the row for {env_name(name)} does not name --{flag}"
+
+
+def stored_section() -> str:
+    match = re.search(r"## What is stored.*?(?=\n## )", README, re.S)
+    assert match, "README has no 'What is stored' section"
+    return match.group(0)
+
+
+def test_readme_what_is_stored_names_every_column(tmp_path: Path) -> None:
+    async def create() -> None:
+        await (await Storage.open(tmp_path / "t.db")).close()
+
+    asyncio.run(create())
+    section = stored_section()
+    with sqlite3.connect(tmp_path / "t.db") as conn:
+        for table in ("reports", "version_checks"):
+            assert f"`{table}`" in section
+            for (column,) in conn.execute("SELECT name FROM pragma_table_info(?)", (table,)):
+                assert f"`{column}`" in section, f"{table}.{column} is not documented"
+        tables = {
+            name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+    assert tables == {"reports", "version_checks", "releases", "meta"}, "a new table: document it"
