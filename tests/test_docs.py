@@ -18,8 +18,9 @@ README = (REPO / "README.md").read_text()
 def test_readme_configuration_table_lists_every_setting() -> None:
     for name, _default, _help in knobs():
         flag = name.replace("_", "-")
-        row = next((line for line in README.splitlines() if f"`{env_name(name)}`" in line), "")
-        assert row.startswith("| `--"), f"{env_name(name)} has no row in the settings table"
+        rows = [line for line in README.splitlines() if line.startswith("| `--")]
+        row = next((line for line in rows if f"| `{env_name(name)}` |" in line), "")
+        assert row, f"{env_name(name)} has no row in the settings table"
         assert flag in row, f"the row for {env_name(name)} does not name --{flag}"
 
 
