@@ -323,6 +323,34 @@ async def run_isolated_async(code: str) -> tuple[int, str, str]:
     return process.returncode or 0, stdout.decode(), stderr.decode()
 
 
+async def test_exiting_without_aclose_while_a_request_hangs_prints_nothing(
+    fake_service: FakeService,
+) -> None:
+    fake_service.mode = "hang"
+    code = (
+        "import asyncio, sys, opa_telemetry\n"
+        "async def main():\n"
+        f"    r = opa_telemetry.Reporter('MyApp', '1.0.0', url={fake_service.url!r})\n"
+        "    r.start()\n"
+        "    await asyncio.to_thread(sys.stdin.readline)\n"  # the request hangs; no aclose()
+        "asyncio.run(main())\n"
+        "print('ok')\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-W",
+        "error",
+        "-c",
+        code,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await fake_service.wait_for_requests(1, timeout=30)
+    stdout, stderr = await asyncio.wait_for(process.communicate(b"go\n"), 60)
+    assert (process.returncode, stdout, stderr) == (0, b"ok\n", b"")
+
+
 async def test_reporter_works_under_uvloop_without_warnings(fake_service: FakeService) -> None:
     pytest.importorskip("uvloop")
     # A fresh interpreter with warnings as errors: an unclosed session, a never-awaited
