@@ -98,3 +98,17 @@ def _report(args: argparse.Namespace) -> int:
         print("DO_NOT_TRACK is set: nothing sent", file=sys.stderr)
         return 0
     return _check(args)
+
+
+def loadtest_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``opa-telemetry-loadtest`` (needs the ``loadtest`` extra)."""
+    try:
+        from .loadtest import main as run_loadtest
+    except ImportError as exc:
+        print(
+            f"error: the load tester needs the 'loadtest' extra: "
+            f"pip install 'opa-telemetry[loadtest]' ({exc})",
+            file=sys.stderr,
+        )
+        return 2
+    return run_loadtest(argv)

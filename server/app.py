@@ -12,8 +12,8 @@ from aiohttp import web
 from .appkeys import CATALOG, CODEC, INGEST, REPOS, SETTINGS, STORAGE
 from .catalog import CatalogCache
 from .codec import json_codec
+from .http_errors import install_address_redaction
 from .ingest import Ingest
-from .middlewares import error_middleware, install_address_redaction
 from .protocol import DEFAULT_PRODUCT
 from .releases import bundled_releases
 from .routes import setup_routes
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings) -> web.Application:
     """Build the application for ``settings``; the database opens when the app starts."""
     install_address_redaction()
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[CODEC] = json_codec(settings.fast)
     app[REPOS] = settings.repo_products()
@@ -49,7 +49,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
             added = await storage.seed_catalog(DEFAULT_PRODUCT, bundled_releases())
             if added:
                 logger.info("release catalog seeded with %d bundled OPA releases", added)
-        cache = CatalogCache(storage, settings.catalog_refresh)
+        cache = CatalogCache(storage, settings.catalog_refresh, app[CODEC].dumps)
         await cache.refresh()
         ingest = Ingest(
             storage,

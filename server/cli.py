@@ -25,7 +25,7 @@ from aiohttp import web
 from . import __version__
 from .app import create_app
 from .errors import CatalogError, SchemaError, TelemetryError
-from .middlewares import ACCESS_LOG_FORMAT
+from .http_errors import ACCESS_LOG_FORMAT
 from .protocol import DEFAULT_PRODUCT
 from .releases import Release, release_from_mapping, releases_from_json
 from .settings import DEFAULT_DB, Settings, env_name

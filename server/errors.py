@@ -1,6 +1,6 @@
 """The server's domain errors.
 
-Domain code raises these and never ``web.HTTP*``; ``middlewares.error_middleware`` is the one
+Domain code raises these and never ``web.HTTP*``; ``http_errors`` is the one
 place that maps them to HTTP statuses and the JSON error shape.
 
     TelemetryError

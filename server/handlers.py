@@ -9,7 +9,7 @@ from aiohttp import hdrs, web
 from .appkeys import CATALOG, CODEC, INGEST, REPOS, SETTINGS, STORAGE
 from .errors import BodyTooLargeError, NotFoundError, UnsupportedMediaTypeError
 from .protocol import parse_report, parse_user_agent, product_slug
-from .releases import Release, asset_url, latest_answer
+from .releases import Release, asset_url
 
 
 async def post_version(request: web.Request) -> web.Response:
@@ -19,9 +19,8 @@ async def post_version(request: web.Request) -> web.Response:
     client = parse_user_agent(request.headers.get(hdrs.USER_AGENT))
     report = parse_report(body, client, app[CODEC].loads)
     await app[INGEST].submit(report)
-    release = app[CATALOG].catalog.latest(report.product)
-    answer = {"latest": latest_answer(release, report.version, report.os, report.arch)}
-    return _json(request, answer)
+    answer = app[CATALOG].answer(report.product, report.version, report.os, report.arch)
+    return web.Response(body=answer, content_type="application/json")
 
 
 async def get_latest_release(request: web.Request) -> web.Response:
@@ -57,7 +56,9 @@ async def get_readiness(request: web.Request) -> web.Response:
 
 
 async def _read_json_body(request: web.Request, limit: int) -> bytes:
-    if request.content_type != "application/json":
+    # The exact header OPA sends skips aiohttp's general Content-Type parser.
+    raw_type = request.headers.get(hdrs.CONTENT_TYPE)
+    if raw_type != "application/json" and request.content_type != "application/json":
         raise UnsupportedMediaTypeError(
             "Content-Type must be application/json", [f"got {request.content_type!r}"]
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Final
+from collections import deque
 
 from .errors import OverloadedError, ShuttingDownError, StorageUnavailableError
 from .protocol import Report
@@ -22,19 +22,25 @@ from .storage import Storage
 logger = logging.getLogger(__name__)
 
 Item = tuple[Report | str, asyncio.Future[None]]
-_STOP: Final = None
 
 
 class Ingest:
-    """The ingest queue and its single writer. :meth:`run` is the writer task's body."""
+    """The ingest queue and its single writer. :meth:`run` is the writer task's body.
+
+    The queue is a plain deque with one wake-up future rather than an ``asyncio.Queue``: on
+    the hot path every request puts once and the writer takes many at a time, and the simpler
+    structure costs measurably less per request.
+    """
 
     def __init__(
         self, storage: Storage, *, queue_size: int, batch_size: int, retry_after: int = 1
     ) -> None:
         self._storage = storage
-        self._queue: asyncio.Queue[Item | None] = asyncio.Queue(queue_size)
+        self._queue: deque[Item] = deque()
+        self._queue_size = queue_size
         self._batch_size = batch_size
         self._retry_after = retry_after
+        self._wakeup: asyncio.Future[None] | None = None
         self._accepting = True
         self.batches = 0
         self.committed = 0
@@ -42,7 +48,7 @@ class Ingest:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     async def submit(self, item: Report | str) -> None:
         """Queue a report (or a product name, for one version check) and wait for its commit.
@@ -52,30 +58,31 @@ class Ingest:
         """
         if not self._accepting:
             raise ShuttingDownError("server is shutting down", self._retry_after)
+        if len(self._queue) >= self._queue_size:
+            raise OverloadedError("too many reports waiting", self._retry_after)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait((item, future))
-        except asyncio.QueueFull:
-            raise OverloadedError("too many reports waiting", self._retry_after) from None
+        self._queue.append((item, future))
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
         await future
 
     async def run(self) -> None:
-        """Drain the queue batch by batch until :meth:`stop`; never raises on a failed write."""
+        """Commit the queue batch by batch; after :meth:`stop`, return once it is empty.
+
+        Never raises on a failed write: those requests get a 503 and the writer goes on.
+        """
+        loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self._batch_size and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(item)
+            if not self._queue:
+                if not self._accepting:
+                    return
+                self._wakeup = loop.create_future()
+                await self._wakeup
+                continue
+            take = min(len(self._queue), self._batch_size)
+            batch = [self._queue.popleft() for _ in range(take)]
             await self._commit(batch)
-            if stop:
-                return
 
     async def _commit(self, batch: list[Item]) -> None:
         self.writing = len(batch)
@@ -106,7 +113,8 @@ class Ingest:
                 future.set_exception(error)
 
     async def stop(self) -> None:
-        """Refuse new items, commit everything already queued, then let :meth:`run` return."""
+        """Refuse new items; :meth:`run` returns once everything queued is committed."""
         self._accepting = False
-        # Blocks only while the queue is full, which the running writer is draining.
-        await self._queue.put(_STOP)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)

@@ -6,6 +6,7 @@ renders the ``latest`` answer. Nothing here touches HTTP or SQL, so it is tested
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ def product_slug(name: str) -> str:
     return _SLUG_JUNK.sub("-", lowered).strip("-._")[:64]
 
 
+@functools.lru_cache(maxsize=1024)  # a fleet sends few distinct User-Agents
 def parse_user_agent(header: str | None, default_product: str = DEFAULT_PRODUCT) -> ClientInfo:
     """Read product and platform from a User-Agent; never raises.
 

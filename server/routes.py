@@ -5,15 +5,28 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import handlers
+from .http_errors import Handler, json_errors, method_not_allowed, not_found
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("POST", "/v1/version", handlers.post_version),
+    ("GET", "/repos/{owner}/{repo}/releases/latest", handlers.get_latest_release),
+    ("GET", "/repos/{owner}/{repo}/releases/{release_id:\\d{1,18}}/assets",
+     handlers.get_release_assets),
+    ("GET", "/healthz", handlers.get_health),
+    ("GET", "/readyz", handlers.get_readiness),
+)  # fmt: skip
 
 
 def setup_routes(app: web.Application, prefix: str = "") -> None:
-    add = app.router
-    add.add_post(f"{prefix}/v1/version", handlers.post_version)
-    add.add_get(f"{prefix}/repos/{{owner}}/{{repo}}/releases/latest", handlers.get_latest_release)
-    add.add_get(
-        f"{prefix}/repos/{{owner}}/{{repo}}/releases/{{release_id:\\d{{1,18}}}}/assets",
-        handlers.get_release_assets,
-    )
-    add.add_get(f"{prefix}/healthz", handlers.get_health)
-    add.add_get(f"{prefix}/readyz", handlers.get_readiness)
+    """Register every route, each wrapped by ``json_errors``, then 405 and 404 catch-alls so
+    that even unknown paths and methods are answered in the JSON error shape."""
+    router = app.router
+    for method, path, handler in ROUTES:
+        if method == "GET":
+            router.add_get(prefix + path, json_errors(handler))  # also answers HEAD
+        else:
+            router.add_route(method, prefix + path, json_errors(handler))
+    for method, path, _ in ROUTES:
+        allowed = ["GET", "HEAD"] if method == "GET" else [method]
+        router.add_route("*", prefix + path, json_errors(method_not_allowed(allowed)))
+    router.add_route("*", "/{tail:.*}", json_errors(not_found))

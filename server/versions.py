@@ -9,6 +9,7 @@ metadata is ignored.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ class Version:
     precedence: tuple[int, int, int, int, tuple[Identifier, ...]] = field(
         init=False, repr=False, compare=False
     )
+    text: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # A release (no pre-release) outranks every pre-release of the same numbers; within
@@ -53,20 +55,22 @@ class Version:
         )
         key = (self.major, self.minor, self.patch, 0 if self.prerelease else 1, identifiers)
         object.__setattr__(self, "precedence", key)
+        text = f"{self.major}.{self.minor}.{self.patch}"
+        if self.prerelease:
+            text += "-" + ".".join(self.prerelease)
+        if self.build:
+            text += "+" + ".".join(self.build)
+        object.__setattr__(self, "text", text)
 
     @property
     def is_prerelease(self) -> bool:
         return bool(self.prerelease)
 
     def __str__(self) -> str:
-        text = f"{self.major}.{self.minor}.{self.patch}"
-        if self.prerelease:
-            text += "-" + ".".join(self.prerelease)
-        if self.build:
-            text += "+" + ".".join(self.build)
-        return text
+        return self.text
 
 
+@functools.lru_cache(maxsize=4096)  # a fleet reports few distinct versions
 def parse_version(text: str) -> Version:
     """Parse ``text`` (optionally ``v``-prefixed) into a :class:`Version`.
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from opa_telemetry_server.app import create_app
-from opa_telemetry_server.middlewares import ACCESS_LOG_FORMAT
+from opa_telemetry_server.http_errors import ACCESS_LOG_FORMAT
 
 from .conftest import AiohttpServer, make_settings, report_body
 

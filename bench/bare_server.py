@@ -1,0 +1,103 @@
+"""The baseline for ``make bench``: a bare aiohttp app doing only what any handler must.
+
+``POST /v1/version`` reads the body, parses it as JSON and answers a static JSON object of the
+same size as the real server's answer; ``GET /repos/.../releases/latest`` answers a static
+object. No validation, no storage: the ceiling the real server is measured against, on the same
+event loop and JSON library, in the same number of processes (SO_REUSEPORT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+ANSWER = {
+    "latest": {
+        "download": "https://openpolicyagent.org/downloads/v1.20.2/opa_linux_amd64",
+        "release_notes": "https://github.com/open-policy-agent/opa/releases/tag/v1.20.2",
+        "latest_release": "v1.20.2",
+        "opa_up_to_date": False,
+    }
+}
+
+
+def make_app(fast: bool) -> web.Application:
+    loads: Callable[[bytes], Any] = json.loads
+
+    def dumps(value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+    if fast:
+        import orjson
+
+        loads, dumps = orjson.loads, orjson.dumps
+    answer = dumps(ANSWER)
+    check = dumps({"tag_name": "v1.20.2", "html_url": ANSWER["latest"]["release_notes"]})
+
+    async def post_version(request: web.Request) -> web.Response:
+        loads(await request.read())
+        return web.Response(body=answer, content_type="application/json")
+
+    async def get_latest(request: web.Request) -> web.Response:
+        return web.Response(body=check, content_type="application/json")
+
+    app = web.Application(client_max_size=8192)
+    app.router.add_post("/v1/version", post_version)
+    app.router.add_get("/repos/{owner}/{repo}/releases/latest", get_latest)
+    return app
+
+
+async def serve(host: str, port: int, fast: bool, reuse_port: bool) -> None:
+    runner = web.AppRunner(make_app(fast), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def run_worker(host: str, port: int, fast: bool, reuse_port: bool) -> None:
+    if fast:
+        import uvloop
+
+        uvloop.run(serve(host, port, fast, reuse_port))
+    else:
+        asyncio.run(serve(host, port, fast, reuse_port))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--no-fast", dest="fast", action="store_false")
+    args = parser.parse_args()
+    if args.workers == 1:
+        run_worker(args.host, args.port, args.fast, False)
+        return 0
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=run_worker, args=(args.host, args.port, args.fast, True))
+               for _ in range(args.workers)]  # fmt: skip
+    for worker in workers:
+        worker.start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The one place where exceptions become HTTP answers, all in one JSON shape.
+
+Every error body is ``{"error": "<message>", "details": ["<problem>", ...]}``. Domain errors map
+to 4xx/503 by type; aiohttp's own HTTP errors (413 from reading a body) are reshaped; anything
+else is a bug: it is logged with its traceback (never with the client's address) and answered 500.
+
+``routes`` wraps every handler, including the catch-all 404 and 405 handlers, with
+:func:`json_errors`. A wrapper rather than an aiohttp middleware: it does the same job with one
+call layer less per request, which the hot path measurably feels (see ``bench/``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import wraps
+
+from aiohttp import hdrs, web
+
+from .errors import (
+    BodyTooLargeError,
+    NotFoundError,
+    ReportError,
+    RequestError,
+    UnavailableError,
+    UnsupportedMediaTypeError,
+)
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+STATUS_BY_ERROR: Mapping[type[RequestError], int] = {
+    ReportError: 400,
+    NotFoundError: 404,
+    BodyTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+}
+# Headers of aiohttp's own errors worth keeping (405 must say which methods are allowed).
+_KEPT_HEADERS = (hdrs.ALLOW,)
+ACCESS_LOG_FORMAT = '"%r" %s %b %Tfs "%{User-Agent}i"'  # no %a: addresses are never logged
+
+
+class AddressRedactingFilter(logging.Filter):
+    """Drops the client address from aiohttp's "Error handling request from %s" records.
+
+    aiohttp logs malformed requests with the peer's address; we keep the event, not the address.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and " from %s" in record.msg:
+            record.msg = record.msg.replace(" from %s", "")
+            record.args = ()
+        return True
+
+
+def install_address_redaction() -> None:
+    """Attach the filter to aiohttp's server logger, once per process."""
+    server_logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, AddressRedactingFilter) for f in server_logger.filters):
+        server_logger.addFilter(AddressRedactingFilter())
+
+
+def json_error(
+    status: int,
+    message: str,
+    details: Sequence[str] = (),
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    body = json.dumps({"error": message, "details": list(details)}).encode()
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+def json_errors(handler: Handler) -> Handler:
+    """Wrap ``handler`` so that every exception it raises becomes a JSON error answer."""
+
+    @wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RequestError as exc:
+            return json_error(STATUS_BY_ERROR.get(type(exc), 400), exc.message, exc.details)
+        except UnavailableError as exc:
+            return json_error(503, exc.message, headers={hdrs.RETRY_AFTER: str(exc.retry_after)})
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            kept = {str(name): exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+            return json_error(exc.status, exc.reason, headers=kept)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("unhandled error answering %s %s", request.method, request.path)
+            return json_error(500, "internal error")
+
+    return wrapped
+
+
+def method_not_allowed(allowed: Sequence[str]) -> Handler:
+    """A handler answering 405 with ``Allow`` for a path served only for ``allowed`` methods."""
+    allow = ", ".join(allowed)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return json_error(405, "Method Not Allowed", headers={hdrs.ALLOW: allow})
+
+    return handler
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    """The catch-all route's handler: no such path."""
+    return json_error(404, "Not Found")
