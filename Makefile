@@ -25,6 +25,10 @@ $(VENV)/.stamp-lint: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[fast,test,lint]'
 	touch $@
 
+$(VENV)/.stamp-bench: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[fast,loadtest]'
+	touch $@
+
 run: $(VENV)/.stamp-run
 	$(BIN)/opa-telemetry-server serve --host $(HOST) --port $(PORT) --db $(DB)
 
@@ -38,6 +42,10 @@ lint: $(VENV)/.stamp-lint
 	ln -sfn ../../client build/typecheck/opa_telemetry
 	ln -sfn ../../server build/typecheck/opa_telemetry_server
 	$(BIN)/mypy
+
+# Side-by-side throughput and latency, bare aiohttp vs the real server (a few minutes).
+bench: $(VENV)/.stamp-bench
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 fmt: $(VENV)/.stamp-lint
 	$(BIN)/ruff check --fix .

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
 
 from aiohttp import web
 
@@ -18,46 +20,68 @@ from .protocol import DEFAULT_PRODUCT
 from .releases import bundled_releases
 from .routes import setup_routes
 from .settings import Settings
-from .storage import Storage
+from .storage import Storage, shard_path
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the application for ``settings``; the database opens when the app starts."""
+def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
+    """Build the application for ``settings``; the databases open when the app starts.
+
+    ``worker`` numbers the process among ``settings.workers``: worker 0 commits reports to the
+    main database, worker N to its own shard beside it (see ``storage.shard_path``).
+    """
     install_address_redaction()
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[CODEC] = json_codec(settings.fast)
     app[REPOS] = settings.repo_products()
     setup_routes(app, settings.prefix)
-    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(partial(_databases, worker=worker))
     return app
 
 
-async def _database(app: web.Application) -> AsyncIterator[None]:
-    """Open storage, load the catalog and start the writer; on cleanup drain and close."""
-    settings = app[SETTINGS]
-    storage = await Storage.open(
-        settings.db,
+async def open_storage(settings: Settings, path: str | Path) -> Storage:
+    return await Storage.open(
+        path,
         synchronous=settings.synchronous,
         busy_timeout_ms=int(settings.busy_timeout * 1000),
     )
-    async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_callback(storage.close)
+
+
+async def prepare_database(settings: Settings) -> None:
+    """Create or migrate the main database and seed the catalog once (idempotent)."""
+    storage = await open_storage(settings, settings.db)
+    try:
         if settings.seed_catalog:
             added = await storage.seed_catalog(DEFAULT_PRODUCT, bundled_releases())
             if added:
                 logger.info("release catalog seeded with %d bundled OPA releases", added)
-        cache = CatalogCache(storage, settings.catalog_refresh, app[CODEC].dumps)
+    finally:
+        await storage.close()
+
+
+async def _databases(app: web.Application, worker: int) -> AsyncIterator[None]:
+    """Open storage, load the catalog and start the writer; on cleanup drain and close."""
+    settings = app[SETTINGS]
+    if worker == 0:
+        await prepare_database(settings)
+    async with contextlib.AsyncExitStack() as stack:
+        main = await open_storage(settings, settings.db)
+        stack.push_async_callback(main.close)
+        shard = main
+        if worker:
+            shard = await open_storage(settings, shard_path(settings.db, worker))
+            stack.push_async_callback(shard.close)
+        cache = CatalogCache(main, settings.catalog_refresh, app[CODEC].dumps)
         await cache.refresh()
         ingest = Ingest(
-            storage,
+            shard,
             queue_size=settings.queue_size,
             batch_size=settings.batch_size,
             retry_after=settings.retry_after,
         )
-        app[STORAGE], app[CATALOG], app[INGEST] = storage, cache, ingest
+        app[STORAGE], app[CATALOG], app[INGEST] = main, cache, ingest
         writer = asyncio.create_task(ingest.run(), name="opa-telemetry-writer")
         refresher = asyncio.create_task(cache.run(), name="opa-telemetry-catalog-refresh")
         stack.push_async_callback(_cancel, refresher)

@@ -11,25 +11,31 @@ import argparse
 import asyncio
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.queues
 import os
+import queue
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from datetime import UTC, date, datetime, timedelta
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from . import __version__
-from .app import create_app
+from .app import create_app, prepare_database
 from .errors import CatalogError, SchemaError, TelemetryError
 from .http_errors import ACCESS_LOG_FORMAT
 from .protocol import DEFAULT_PRODUCT
 from .releases import Release, release_from_mapping, releases_from_json
 from .settings import DEFAULT_DB, Settings, env_name
-from .storage import Stats, Storage
+from .storage import Stats, Storage, existing_shards
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,13 +164,97 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(settings)
+    if settings.workers > 1:
+        return _supervise(settings)
     with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
         runner.run(serve(settings))
     return 0
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+
+
+def _supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` server processes on one port and stop them together.
+
+    The database is migrated and seeded here, once, before any worker starts. Returns 0 when
+    every worker exited cleanly after SIGINT/SIGTERM, 1 if one died on its own (the others are
+    then stopped too, so a process manager can restart the whole server).
+    """
+    asyncio.run(prepare_database(settings))
+    reserved = None
+    if settings.port == 0:  # pick the port here so that every worker binds the same one
+        reserved = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserved.bind((settings.host, 0))
+        settings = replace(settings, port=reserved.getsockname()[1])
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    workers = [
+        context.Process(target=_worker, args=(settings, index, ready),
+                        name=f"worker{index}", daemon=True)
+        for index in range(settings.workers)
+    ]  # fmt: skip
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for worker in workers:
+            worker.start()
+        started = 0
+        while started < len(workers) and not stopping:
+            try:
+                ready.get(timeout=0.2)
+                started += 1
+            except queue.Empty:
+                if any(not w.is_alive() for w in workers):
+                    logger.error("a worker failed to start")
+                    return _stop_workers(workers, settings, code=1)
+        if started == len(workers):
+            _print_ready(f"http://{settings.host}:{settings.port}{settings.prefix}")
+        while not stopping:
+            multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.5)
+            if not stopping and any(not w.is_alive() for w in workers):
+                logger.error("a worker exited unexpectedly; stopping the others")
+                return _stop_workers(workers, settings, code=1)
+        return _stop_workers(workers, settings, code=0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if reserved is not None:
+            reserved.close()
+
+
+def _stop_workers(workers: list[BaseProcess], settings: Settings, code: int) -> int:
+    for worker in workers:
+        if worker.is_alive() and worker.pid is not None:
+            os.kill(worker.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.join(settings.shutdown_timeout + 5)
+        if worker.is_alive():
+            logger.error("%s did not stop in time; killing it", worker.name)
+            worker.kill()
+            worker.join()
+            code = 1
+        elif worker.exitcode not in (0, -signal.SIGTERM):
+            code = 1
+    return code
+
+
+def _worker(settings: Settings, index: int, ready: multiprocessing.queues.Queue[int]) -> None:
+    """One worker process: serve on the shared port until SIGTERM (or SIGINT)."""
+    _configure_logging(settings)
+    with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
+        runner.run(serve(settings, lambda _: ready.put(index), worker=index, reuse_port=True))
 
 
 def _loop_factory(fast: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -178,12 +268,18 @@ def _loop_factory(fast: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return None
 
 
-async def serve(settings: Settings, ready: Callable[[str], None] | None = None) -> None:
+async def serve(
+    settings: Settings,
+    ready: Callable[[str], None] | None = None,
+    *,
+    worker: int = 0,
+    reuse_port: bool = False,
+) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting, drain the queue and return.
 
     ``ready`` receives the base URL once the socket listens (default: print it).
     """
-    app = create_app(settings)
+    app = create_app(settings, worker=worker)
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -193,7 +289,7 @@ async def serve(settings: Settings, ready: Callable[[str], None] | None = None) 
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
         await site.start()
         host, port = runner.addresses[0][:2]
         url = f"http://{host}:{port}{settings.prefix}"
@@ -318,7 +414,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     since = (datetime.now(UTC).date() - timedelta(days=args.days - 1)).isoformat()
 
     async def work(storage: Storage) -> Stats:
-        return await storage.stats(args.product, since)
+        return await storage.stats(args.product, since, existing_shards(args.db))
 
     stats = _with_storage(args.db, work)
     if args.json:

@@ -14,6 +14,7 @@ ENV_PREFIX = "OPA_TELEMETRY_SERVER_"
 DEFAULT_DB = "opa-telemetry.db"
 DEFAULT_PORT = 9181  # not OPA's 8181: operators run both on one host
 DEFAULT_REPOS = "open-policy-agent/opa=opa"
+MAX_WORKERS = 8  # SQLite attaches at most 10 databases; statistics read them all at once
 
 
 def _knob(default: Any, help: str, **extra: Any) -> Any:
@@ -45,6 +46,9 @@ class Settings:
         "owner/repo=product pairs, comma-separated, for GET /repos/{owner}/{repo}/releases/latest",
     )
     fast: bool = _knob(True, "use uvloop and orjson when installed")
+    workers: int = _knob(
+        1, "server processes sharing the port; each commits to its own database shard"
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -56,6 +60,8 @@ class Settings:
             problems.append("synchronous must be off, normal, full or extra")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             problems.append("log_level must be debug, info, warning or error")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            problems.append(f"workers must be 1-{MAX_WORKERS}")
         for name in ("max_body_bytes", "queue_size", "batch_size", "retry_after"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import time
 from collections import Counter
@@ -75,23 +76,37 @@ SELECT id, product, tag, release_notes, assets, published_on, prerelease FROM re
 """
 
 INSTANCES_BY_VERSION_SQL = """
-SELECT version, count(DISTINCT instance_id), sum(report_count) FROM reports
+SELECT version, count(DISTINCT instance_id), sum(report_count) FROM all_reports
 WHERE product = ? AND day >= ? GROUP BY version
 """
 
 INSTANCES_BY_PLATFORM_SQL = """
 SELECT coalesce(os, 'unknown'), coalesce(arch, 'unknown'), count(DISTINCT instance_id)
-FROM reports WHERE product = ? AND day >= ? GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2
+FROM all_reports WHERE product = ? AND day >= ? GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2
 """
 
 TOTALS_SQL = """
-SELECT count(DISTINCT instance_id), coalesce(sum(report_count), 0) FROM reports
+SELECT count(DISTINCT instance_id), coalesce(sum(report_count), 0) FROM all_reports
 WHERE product = ? AND day >= ?
 """
 
 CHECKS_SQL = """
-SELECT coalesce(sum(check_count), 0) FROM version_checks WHERE product = ? AND day >= ?
+SELECT coalesce(sum(check_count), 0) FROM all_version_checks WHERE product = ? AND day >= ?
 """
+
+
+def shard_path(db: str | Path, worker: int) -> Path:
+    """Where worker ``worker`` commits its reports: the main file for worker 0, else a sibling
+    (``telemetry.db`` -> ``telemetry.worker1.db``), so that workers never share a write lock."""
+    path = Path(db)
+    return path if worker == 0 else path.with_name(f"{path.stem}.worker{worker}{path.suffix}")
+
+
+def existing_shards(db: str | Path) -> list[Path]:
+    """The shard files beside ``db`` that workers have written (not the main file)."""
+    path = Path(db)
+    pattern = re.compile(re.escape(path.stem) + r"\.worker\d+" + re.escape(path.suffix) + "$")
+    return sorted(p for p in path.parent.glob(f"{path.stem}.worker*") if pattern.match(p.name))
 
 
 def utc_day(at: float) -> str:
@@ -323,8 +338,26 @@ class Storage:
 
     # -- statistics -------------------------------------------------------------------------
 
-    async def stats(self, product: str, since: str) -> Stats:
-        """Instances and reports per version and platform for ``product`` since day ``since``."""
+    async def stats(self, product: str, since: str, shards: Sequence[Path] = ()) -> Stats:
+        """Instances and reports per version and platform for ``product`` since day ``since``,
+        over this database and the worker ``shards`` (attached read-only for the query)."""
+        sources = ["main"]
+        try:
+            for number, shard in enumerate(shards, start=1):
+                await self._conn.execute(f"ATTACH DATABASE ? AS shard{number}", (str(shard),))
+                sources.append(f"shard{number}")
+            for table in ("reports", "version_checks"):
+                # Schema and table names are ours (main, shardN; two constants), never input.
+                union = " UNION ALL ".join(f"SELECT * FROM {s}.{table}" for s in sources)  # noqa: S608
+                await self._conn.execute(f"CREATE TEMP VIEW all_{table} AS {union}")
+            return await self._stats(product, since)
+        finally:
+            for table in ("reports", "version_checks"):
+                await self._conn.execute(f"DROP VIEW IF EXISTS temp.all_{table}")
+            for source in sources[1:]:
+                await self._conn.execute(f"DETACH DATABASE {source}")
+
+    async def _stats(self, product: str, since: str) -> Stats:
         args = (product, since)
         async with self._conn.execute(TOTALS_SQL, args) as cursor:
             instances, reports = await cursor.fetchone() or (0, 0)

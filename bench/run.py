@@ -1,0 +1,256 @@
+"""``make bench``: the real server against a bare aiohttp baseline, side by side, in one run.
+
+For 1 and 2 worker processes and 16, 64 and 256 connections, the same load (the project's load
+tester and, when installed, ``wrk``) is driven at (a) ``bench/bare_server.py`` and (b) the real
+server on a fresh database, and the table prints throughput, p50/p99 and the real/bare ratios.
+Every real run is checked: the reports stored (the sum of per-instance report counts over every
+database shard) must equal the 200s the load received. The load tester waits for its last
+answers, so there the two are equal; ``wrk`` stops with one request per connection in flight,
+which the server may have committed uncounted, so there 200s <= stored <= 200s + connections. A last pair of rows shows per-request
+commit (``--batch-size 1``) against group commit. Everything listens on 127.0.0.1 only, every
+load is bounded by ``--duration``, and every process started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+CONNECTIONS = (16, 64, 256)
+
+
+@dataclass
+class Measure:
+    rps: float
+    p50: float
+    p99: float
+    ok: int  # 200 answers to reports
+    in_flight_at_end: int = 0  # requests the tool abandoned uncounted when it stopped
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {HOST}:{port} after {timeout}s")
+
+
+@contextlib.contextmanager
+def running(command: Sequence[str], port: int) -> Iterator[None]:
+    """Start a server process, wait until it listens, and always stop it (SIGTERM, then kill)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_listening(port, process)
+        yield
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def bare_command(port: int, workers: int) -> list[str]:
+    return [sys.executable, str(HERE / "bare_server.py"), "--port", str(port),
+            "--workers", str(workers)]  # fmt: skip
+
+
+def real_command(port: int, workers: int, db: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "opa_telemetry_server", "serve", "--host", HOST,
+            "--port", str(port), "--db", str(db), "--workers", str(workers),
+            "--no-access-log", "--log-level", "warning", *extra]  # fmt: skip
+
+
+def loadtest(port: int, connections: int, duration: float) -> Measure:
+    out = subprocess.run(
+        [sys.executable, "-m", "opa_telemetry.loadtest", f"http://{HOST}:{port}",
+         "--concurrency", str(connections), "--duration", str(duration),
+         "--instances", "20000", "--seed", "7", "--json", "-"],
+        capture_output=True, text=True, check=True, timeout=duration + 120,
+    ).stdout  # fmt: skip
+    result = json.loads(out[out.index("{") :])
+    latency = result["latency_ms"]
+    return Measure(result["throughput_rps"], latency["p50"], latency["p99"],
+                   result["reports_acknowledged"])  # fmt: skip
+
+
+_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(port: int, connections: int, duration: float) -> Measure:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+         "-s", str(HERE / "wrk_report.lua"), f"http://{HOST}:{port}"],
+        capture_output=True, text=True, check=True, timeout=duration + 60,
+    ).stdout  # fmt: skip
+
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        return float(match.group(1)) * _WRK_UNITS[match.group(2)] if match else float("nan")
+
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = (int(non2xx.group(1)) if non2xx else 0) + (
+        sum(int(n) for n in errors.groups()) if errors else 0
+    )
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return Measure(rps, latency("50"), latency("99"), total - failed, connections)
+
+
+def stored_reports(db: Path) -> int:
+    """The sum of report counts over the main database and every worker shard."""
+    total = 0
+    for path in [db, *sorted(db.parent.glob(f"{db.stem}.worker*{db.suffix}"))]:
+        if path.exists():
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                total += conn.execute(
+                    "SELECT coalesce(sum(report_count), 0) FROM reports"
+                ).fetchone()[0]
+    return total
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    fast = []
+    for name in ("uvloop", "orjson"):
+        with contextlib.suppress(ImportError):
+            module = __import__(name)
+            fast.append(f"{name} {getattr(module, '__version__', '')}".strip())
+    return (f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, "
+            f"{', '.join(fast) or 'stdlib asyncio and json'}")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per load (5)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--connections", type=int, nargs="+", default=list(CONNECTIONS))
+    parser.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
+    args = parser.parse_args()
+    if not 0 < args.duration <= 120:
+        parser.error("--duration must be in (0, 120]")
+    tools = [("loadtest", loadtest)] + ([("wrk", wrk)] if shutil.which("wrk") else [])
+    print(f"machine: {machine()}")
+    if not shutil.which("wrk"):
+        print("wrk not found: only the load tester drives the load (apt-get install wrk)")
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="opa-telemetry-bench-") as tmp:
+        for workers in args.workers:
+            port = free_port()
+            bare: dict[tuple[str, int], Measure] = {}
+            with running(bare_command(port, workers), port):
+                for tool, drive in tools:
+                    for connections in args.connections:
+                        bare[tool, connections] = drive(port, connections, args.duration)
+            db = Path(tmp) / f"real-{workers}.db"
+            port = free_port()
+            with running(real_command(port, workers, db), port):
+                for tool, drive in tools:
+                    for connections in args.connections:
+                        before = stored_reports(db)
+                        real = drive(port, connections, args.duration)
+                        time.sleep(0.2)  # let the answers' transactions be visible to a reader
+                        stored = stored_reports(db) - before
+                        if not real.ok <= stored <= real.ok + real.in_flight_at_end:
+                            problems.append(f"{tool} w{workers} c{connections}: stored {stored},"
+                                            f" acknowledged {real.ok}")  # fmt: skip
+                        rows.append(row(tool, workers, connections, bare[tool, connections],
+                                        real, stored))  # fmt: skip
+        per_request = {}
+        for label, extra in (("group commit", ()), ("per-request commit", ("--batch-size", "1"))):
+            db, port = Path(tmp) / f"commit-{len(per_request)}.db", free_port()
+            with running(real_command(port, 1, db, *extra), port):
+                per_request[label] = loadtest(port, 64, args.duration)
+    print_table(rows, tools)
+    print_summary(rows, per_request, args)
+    for problem in problems:
+        print(f"STORED CHECK FAILED: {problem}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"machine": machine(), "rows": rows,
+             "commit": {k: vars(v) for k, v in per_request.items()}}, indent=1) + "\n")  # fmt: skip
+    return 1 if problems else 0
+
+
+def row(tool: str, workers: int, connections: int, bare: Measure, real: Measure,
+        stored: int) -> dict[str, Any]:  # fmt: skip
+    return {"tool": tool, "workers": workers, "connections": connections,
+            "bare": vars(bare), "real": vars(real), "stored": stored,
+            "ratio": real.rps / bare.rps if bare.rps else 0.0,
+            "p99_ratio": real.p99 / bare.p99 if bare.p99 else float("nan")}  # fmt: skip
+
+
+def print_table(rows: list[dict[str, Any]], tools: Sequence[tuple[str, Any]]) -> None:
+    print(f"\n{'load':<9}{'workers':>7}{'conns':>6}{'bare req/s':>12}{'real req/s':>12}"
+          f"{'real/bare':>10}{'bare p50/p99 ms':>17}{'real p50/p99 ms':>17}{'p99 ratio':>10}"
+          f"{'stored vs 200s':>17}")  # fmt: skip
+    for r in rows:
+        b, x = r["bare"], r["real"]
+        extra = r["stored"] - x["ok"]
+        check = ("yes" if extra == 0 else f"+{extra} in flight"
+                 if 0 < extra <= x["in_flight_at_end"] else f"NO ({r['stored']})")  # fmt: skip
+        print(f"{r['tool']:<9}{r['workers']:>7}{r['connections']:>6}{b['rps']:>12,.0f}"
+              f"{x['rps']:>12,.0f}{r['ratio']:>10.2f}{b['p50']:>9.2f}/{b['p99']:<7.2f}"
+              f"{x['p50']:>9.2f}/{x['p99']:<7.2f}{r['p99_ratio']:>10.2f}{check:>17}")  # fmt: skip
+
+
+def print_summary(rows: list[dict[str, Any]], commit: dict[str, Measure],
+                  args: argparse.Namespace) -> None:  # fmt: skip
+    print()
+    by = {(r["tool"], r["workers"], r["connections"]): r for r in rows}
+    for tool in sorted({r["tool"] for r in rows}):
+        for connections in args.connections:
+            one, two = by.get((tool, 1, connections)), by.get((tool, 2, connections))
+            if one and two:
+                print(f"{tool:<9} c{connections:<4} 2 workers / 1 worker: "
+                      f"bare {two['bare']['rps'] / one['bare']['rps']:.2f}x, "
+                      f"real {two['real']['rps'] / one['real']['rps']:.2f}x")  # fmt: skip
+    group, single = commit["group commit"], commit["per-request commit"]
+    print(
+        f"\ncommit mode, 1 worker, 64 connections (load tester): group commit "
+        f"{group.rps:,.0f} req/s (p99 {group.p99:.2f} ms), per-request commit "
+        f"{single.rps:,.0f} req/s (p99 {single.p99:.2f} ms): {group.rps / single.rps:.2f}x"
+    )
+    print("\ntargets (same run): real/bare >= 0.9 at 64 and 256 connections, p99 <= 2x bare,"
+          " 2 workers >= 1.5x 1 worker")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
