@@ -7,8 +7,9 @@ Every real run is checked: the reports stored (the sum of per-instance report co
 database shard) must equal the 200s the load received. The load tester waits for its last
 answers, so there the two are equal; ``wrk`` stops with one request per connection in flight,
 which the server may have committed uncounted, so there 200s <= stored <= 200s + connections.
-A last pair of rows shows per-request commit (``--batch-size 1``) against group commit. Everything listens on 127.0.0.1 only, every
-load is bounded by ``--duration``, and every process started here is stopped here.
+A last pair of rows shows per-request commit (``--batch-size 1``) against group commit.
+Everything listens on 127.0.0.1 only, every load is bounded by ``--duration``, and every
+process started here is stopped here.
 """
 
 from __future__ import annotations
