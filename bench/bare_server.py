@@ -29,12 +29,13 @@ ANSWER = {
 }
 
 
+def _std_dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 def make_app(fast: bool) -> web.Application:
     loads: Callable[[bytes], Any] = json.loads
-
-    def dumps(value: Any) -> bytes:
-        return json.dumps(value, separators=(",", ":")).encode()
-
+    dumps: Callable[[Any], bytes] = _std_dumps
     if fast:
         import orjson
 

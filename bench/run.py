@@ -194,7 +194,7 @@ def main() -> int:
                                             f" acknowledged {real.ok}")  # fmt: skip
                         rows.append(row(tool, workers, connections, bare[tool, connections],
                                         real, stored))  # fmt: skip
-        per_request = {}
+        per_request: dict[str, Measure] = {}
         for label, extra in (("group commit", ()), ("per-request commit", ("--batch-size", "1"))):
             db, port = Path(tmp) / f"commit-{len(per_request)}.db", free_port()
             with running(real_command(port, 1, db, *extra), port):

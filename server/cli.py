@@ -234,7 +234,7 @@ def _supervise(settings: Settings) -> int:
             reserved.close()
 
 
-def _stop_workers(workers: list[BaseProcess], settings: Settings, code: int) -> int:
+def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int) -> int:
     for worker in workers:
         if worker.is_alive() and worker.pid is not None:
             os.kill(worker.pid, signal.SIGTERM)
