@@ -34,19 +34,44 @@ _TRANSPORT = "opa_telemetry.transport"
 class Schedule:
     """When reports go out. The default is OPA 1.x's: one at start, then hourly six times,
     then every six hours; each wait is scaled by a random factor in ``1 ± jitter`` so a fleet
-    restarted together does not report in lockstep."""
+    restarted together does not report in lockstep.
+
+    After consecutive failures the next wait doubles per failure (up to ``max_delay``), so a
+    service that is down is not hammered by a whole fleet; a ``Retry-After`` from the service
+    is honoured as a minimum, clamped to ``max_delay`` so that no header can silence a
+    reporter for longer.
+    """
 
     first_delay: float = 0.0
     interval: float = 3600.0
     interval_count: int = 6
     long_interval: float = 6 * 3600.0
     jitter: float = 0.1
+    max_delay: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
         if min(self.first_delay, self.interval, self.long_interval) < 0 or not (
             0 <= self.jitter < 1
         ):
             raise ValueError("delays must be non-negative and 0 <= jitter < 1")
+        if self.max_delay < max(self.interval, self.long_interval):
+            raise ValueError("max_delay must be at least the longest interval")
+
+    def next_delay(
+        self,
+        scheduled: float,
+        failures: int,
+        retry_after: float | None,
+        rng: random.Random,
+    ) -> float:
+        """The wait before the next attempt: ``scheduled`` (already jittered) doubled per
+        consecutive failure, at least ``retry_after``, never more than ``max_delay``."""
+        delay = scheduled * 2 ** min(failures, 32)
+        if failures:
+            delay = self._jittered(delay, rng)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return min(delay, self.max_delay)
 
     def delays(self, rng: random.Random) -> Iterator[float]:
         """The wait before each report, forever."""
@@ -149,9 +174,12 @@ class Reporter:
 
     async def _run(self) -> None:
         session: Any = None
+        failures, retry_after = 0, None
         try:
-            for delay in self.schedule.delays(self._rng):
+            for scheduled in self.schedule.delays(self._rng):
+                delay = self.schedule.next_delay(scheduled, failures, retry_after, self._rng)
                 await asyncio.sleep(delay)
+                answered = False
                 try:
                     transport = await import_transport()
                     if session is None:
@@ -159,10 +187,18 @@ class Reporter:
                     latest = await transport.post_report(
                         session, self.url, self.payload(), self.timeout
                     )
+                    answered = True
                     self.reports_sent += 1
+                    failures, retry_after = 0, None
                     await self._deliver(latest)
-                except Exception:  # the client's one catch-all: nothing reaches the host app
-                    logger.debug("opa-telemetry report to %s failed", self.url, exc_info=True)
+                except Exception as exc:  # the client's one catch-all: nothing reaches the host
+                    if answered:  # the host's on_latest callback failed, not the service
+                        logger.debug("opa-telemetry on_latest callback failed", exc_info=True)
+                        continue
+                    failures += 1
+                    retry_after = getattr(exc, "retry_after", None)
+                    logger.debug("opa-telemetry report to %s failed (%d in a row)", self.url,
+                                 failures, exc_info=True)  # fmt: skip
         finally:
             if session is not None:
                 await session.close()

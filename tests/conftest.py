@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,11 +77,13 @@ class FakeService:
         }
     )
     requests: list[tuple[dict[str, str], bytes, str]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
     received: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((dict(request.headers), await request.read(), request.path))
+        self.times.append(time.monotonic())
         self.received.set()
         if self.mode == "hang":
             await asyncio.Event().wait()

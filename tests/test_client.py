@@ -373,3 +373,80 @@ async def test_reporter_works_under_uvloop_without_warnings(fake_service: FakeSe
     )
     assert (returncode, stdout, stderr) == (0, "ok\n", "")
     assert len(fake_service.requests) == 1
+
+
+def test_next_delay_backs_off_and_honours_a_clamped_retry_after() -> None:
+    import random
+
+    schedule = Schedule(interval=10.0, long_interval=10.0, jitter=0.1, max_delay=100.0)
+    rng = random.Random(1)
+    assert schedule.next_delay(10.0, 0, None, rng) == 10.0
+    assert 18.0 <= schedule.next_delay(10.0, 1, None, rng) <= 22.0
+    assert 36.0 <= schedule.next_delay(10.0, 2, None, rng) <= 44.0
+    assert schedule.next_delay(10.0, 50, None, rng) == 100.0  # capped, however many failures
+    assert schedule.next_delay(10.0, 0, 60.0, rng) == 60.0  # Retry-After is a minimum
+    assert schedule.next_delay(10.0, 0, 10**9, rng) == 100.0  # and cannot silence us forever
+    with pytest.raises(ValueError, match="max_delay"):
+        Schedule(interval=10.0, max_delay=5.0)
+
+
+async def test_consecutive_failures_space_out_the_attempts(fake_service: FakeService) -> None:
+    fake_service.mode = "status"  # every answer is a 500 (with Retry-After: 7, clamped below)
+    schedule = Schedule(
+        interval=0.05, interval_count=100, long_interval=0.05, jitter=0.0, max_delay=0.4
+    )
+    async with Reporter("MyApp", "1.0.0", url=fake_service.url, schedule=schedule):
+        await fake_service.wait_for_requests(4)
+    times = [t for t in fake_service.times[:4]]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    # Retry-After: 7 is clamped to max_delay 0.4 s: every gap is the cap, not the 50 ms schedule.
+    assert all(gap >= 0.35 for gap in gaps), gaps
+
+
+async def hostile_server(aiohttp_server: Any, behaviour: str) -> str:
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if behaviour == "redirect-loop":
+            raise web.HTTPFound(str(request.url))
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/json", "Content-Length": "1000"}
+        )
+        await response.prepare(request)
+        if behaviour == "trickle":
+            for byte in b'{"latest": {"opa_up_to_date": true}}':
+                await response.write(bytes([byte]))
+                await asyncio.sleep(0.05)
+        else:  # "cut": promise 1000 bytes, send a few, drop the connection
+            await response.write(b'{"latest": ')
+            assert request.transport is not None
+            request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    return str(server.make_url("")).rstrip("/")
+
+
+@pytest.mark.parametrize("behaviour", ["trickle", "redirect-loop", "cut"])
+async def test_hostile_servers_neither_stall_the_loop_nor_reach_the_host(
+    aiohttp_server: Any, behaviour: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="opa_telemetry")
+    url = await hostile_server(aiohttp_server, behaviour)
+    expected = RequestTimeoutError if behaviour == "trickle" else TransportError
+    began = time.perf_counter()
+    with pytest.raises(expected):
+        await check_latest("MyApp", "1.0.0", url=url, timeout=0.5)
+    assert time.perf_counter() - began < 2.0  # the trickle would take ~1.9 s without a timeout
+
+    async def scenario() -> None:
+        async with Reporter("MyApp", "1.0.0", url=url, timeout=0.5):
+            async with asyncio.timeout(10):
+                while not any("failed" in r.getMessage() for r in caplog.records):
+                    await asyncio.sleep(0.01)
+
+    assert await lag_while(scenario) < 0.5
+    assert [r for r in caplog.records if r.levelno > logging.DEBUG] == []
