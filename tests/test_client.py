@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import subprocess
@@ -397,8 +398,7 @@ async def test_consecutive_failures_space_out_the_attempts(fake_service: FakeSer
     )
     async with Reporter("MyApp", "1.0.0", url=fake_service.url, schedule=schedule):
         await fake_service.wait_for_requests(4)
-    times = [t for t in fake_service.times[:4]]
-    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(fake_service.times[:4])]
     # Retry-After: 7 is clamped to max_delay 0.4 s: every gap is the cap, not the 50 ms schedule.
     assert all(gap >= 0.35 for gap in gaps), gaps
 
