@@ -66,12 +66,12 @@ class Schedule:
     ) -> float:
         """The wait before the next attempt: ``scheduled`` (already jittered) doubled per
         consecutive failure, at least ``retry_after``, never more than ``max_delay``."""
-        delay = scheduled * 2 ** min(failures, 32)
+        delay: float = scheduled * 2.0 ** min(failures, 32)
         if failures:
             delay = self._jittered(delay, rng)
         if retry_after is not None:
             delay = max(delay, retry_after)
-        return min(delay, self.max_delay)
+        return float(min(delay, self.max_delay))
 
     def delays(self, rng: random.Random) -> Iterator[float]:
         """The wait before each report, forever."""
