@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -23,6 +24,31 @@ from .settings import Settings
 from .storage import Storage, shard_path
 
 logger = logging.getLogger(__name__)
+
+
+# Limits on what a client controls before a handler runs. OPA's request line and headers are a
+# few hundred bytes; nothing legitimate comes near these.
+MAX_LINE_SIZE = 2048
+MAX_FIELD_SIZE = 2048
+MAX_HEADERS = 32
+
+
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for aiohttp's runner/server that enforce the protocol-level limits.
+
+    ``keepalive_timeout`` is armed when a connection opens and after every answer, and closes
+    a connection still waiting for a complete request when it fires: so a client trickling its
+    headers is cut off after ``read_timeout``. (Bodies are bounded in ``handlers``.) Request
+    bodies are never decompressed: OPA does not compress them, and inflating one would happen
+    before the size cap.
+    """
+    return {
+        "keepalive_timeout": settings.read_timeout,
+        "max_line_size": MAX_LINE_SIZE,
+        "max_field_size": MAX_FIELD_SIZE,
+        "max_headers": MAX_HEADERS,
+        "auto_decompress": False,
+    }
 
 
 def create_app(settings: Settings, *, worker: int = 0) -> web.Application:

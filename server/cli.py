@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from . import __version__
-from .app import create_app, prepare_database
+from .app import create_app, prepare_database, runner_options
 from .errors import CatalogError, SchemaError, TelemetryError
 from .http_errors import ACCESS_LOG_FORMAT
 from .protocol import DEFAULT_PRODUCT
@@ -286,6 +286,7 @@ async def serve(
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         access_log_format=ACCESS_LOG_FORMAT,
         shutdown_timeout=settings.shutdown_timeout,
+        **runner_options(settings),
     )
     await runner.setup()
     try:

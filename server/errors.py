@@ -7,6 +7,7 @@ place that maps them to HTTP statuses and the JSON error shape.
     ├── RequestError ............. the client sent something we will not take (4xx)
     │   ├── ReportError .......... invalid report body; ``details`` lists every problem (400)
     │   ├── NotFoundError ........ no such release or product (404)
+    │   ├── SlowRequestError ..... the body did not arrive within the read timeout (408)
     │   ├── UnsupportedMediaTypeError ........................................... (415)
     │   └── BodyTooLargeError ................................................... (413)
     ├── UnavailableError ......... try again later (503 with Retry-After)
@@ -41,6 +42,10 @@ class ReportError(RequestError):
 
 class NotFoundError(RequestError):
     """The requested release or product is not in the catalog."""
+
+
+class SlowRequestError(RequestError):
+    """The client did not send its whole body within the read timeout."""
 
 
 class UnsupportedMediaTypeError(RequestError):

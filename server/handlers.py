@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import hdrs, web
 
 from .appkeys import CATALOG, CODEC, INGEST, REPOS, SETTINGS, STORAGE
-from .errors import BodyTooLargeError, NotFoundError, UnsupportedMediaTypeError
+from .errors import BodyTooLargeError, NotFoundError, SlowRequestError, UnsupportedMediaTypeError
 from .protocol import parse_report, parse_user_agent, product_slug
 from .releases import Release, asset_url
 
@@ -15,7 +16,8 @@ from .releases import Release, asset_url
 async def post_version(request: web.Request) -> web.Response:
     """``POST /v1/version``: store the report, then answer with the latest release."""
     app = request.app
-    body = await _read_json_body(request, app[SETTINGS].max_body_bytes)
+    settings = app[SETTINGS]
+    body = await _read_json_body(request, settings.max_body_bytes, settings.read_timeout)
     client = parse_user_agent(request.headers.get(hdrs.USER_AGENT))
     report = parse_report(body, client, app[CODEC].loads)
     await app[INGEST].submit(report)
@@ -55,7 +57,7 @@ async def get_readiness(request: web.Request) -> web.Response:
     return _json(request, {"status": "ready", "pending": ingest.pending + ingest.writing})
 
 
-async def _read_json_body(request: web.Request, limit: int) -> bytes:
+async def _read_json_body(request: web.Request, limit: int, timeout: float) -> bytes:
     # The exact header OPA sends skips aiohttp's general Content-Type parser.
     raw_type = request.headers.get(hdrs.CONTENT_TYPE)
     if raw_type != "application/json" and request.content_type != "application/json":
@@ -65,7 +67,11 @@ async def _read_json_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         # Refuse before reading a byte; a chunked body is capped by client_max_size instead.
         raise BodyTooLargeError(f"body is larger than {limit} bytes")
-    return await request.read()
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise SlowRequestError(f"body not received within {timeout:g}s") from None
 
 
 def _json(request: web.Request, payload: Any) -> web.Response:

@@ -24,6 +24,7 @@ from .errors import (
     NotFoundError,
     ReportError,
     RequestError,
+    SlowRequestError,
     UnavailableError,
     UnsupportedMediaTypeError,
 )
@@ -35,6 +36,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATUS_BY_ERROR: Mapping[type[RequestError], int] = {
     ReportError: 400,
     NotFoundError: 404,
+    SlowRequestError: 408,
     BodyTooLargeError: 413,
     UnsupportedMediaTypeError: 415,
 }

@@ -18,6 +18,7 @@ from .versions import Version, VersionError, parse_version
 DEFAULT_PRODUCT = "opa"
 MAX_USER_AGENT_LENGTH = 512
 MAX_HEAP_USAGE_BYTES = 2**63 - 1
+MAX_KEYS = 64  # OPA sends 3-4 keys; Enterprise OPA's gatherers add a handful
 
 # The User-Agent product names OPA has used over the years; all of them are one product.
 _OPA_NAMES = frozenset({"open policy agent", "open-policy-agent"})
@@ -108,6 +109,8 @@ def parse_report(
         raise ReportError("body is not valid JSON", [str(exc)[:200]]) from None
     if not isinstance(document, dict):
         raise ReportError("body must be a JSON object", [f"got {type(document).__name__}"])
+    if len(document) > MAX_KEYS:
+        raise ReportError("too many keys", [f"at most {MAX_KEYS} top-level keys"])
 
     problems: list[str] = []
     instance_id = _instance_id(document, problems)

@@ -35,6 +35,9 @@ class Settings:
     )
     busy_timeout: float = _knob(5.0, "seconds a write waits for a locked database before a 503")
     max_body_bytes: int = _knob(8192, "largest accepted request body, in bytes")
+    read_timeout: float = _knob(
+        10.0, "seconds a client has to send a whole request; idle connections close after it"
+    )
     queue_size: int = _knob(10000, "reports waiting for a commit before answering 503")
     batch_size: int = _knob(1024, "most reports committed in one transaction")
     retry_after: int = _knob(1, "seconds a client is told to wait when the server is busy")
@@ -65,7 +68,7 @@ class Settings:
         for name in ("max_body_bytes", "queue_size", "batch_size", "retry_after"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        for name in ("catalog_refresh", "shutdown_timeout", "busy_timeout"):
+        for name in ("catalog_refresh", "shutdown_timeout", "busy_timeout", "read_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         try:
