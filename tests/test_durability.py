@@ -7,7 +7,6 @@ import random
 import re
 import signal
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
