@@ -89,7 +89,8 @@ def bare_command(port: int, workers: int) -> list[str]:
 def real_command(port: int, workers: int, db: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "opa_telemetry_server", "serve", "--host", HOST,
             "--port", str(port), "--db", str(db), "--workers", str(workers),
-            "--no-access-log", "--log-level", "warning", *extra]  # fmt: skip
+            "--no-access-log", "--log-level", "warning", "--rate-limit", "0",
+            *extra]  # fmt: skip
 
 
 def loadtest(port: int, connections: int, duration: float) -> Measure:

@@ -12,12 +12,13 @@ from typing import Any
 
 from aiohttp import web
 
-from .appkeys import CATALOG, CODEC, INGEST, REPOS, SETTINGS, STORAGE
+from .appkeys import CATALOG, CODEC, INGEST, LIMITER, REPOS, SETTINGS, STORAGE
 from .catalog import CatalogCache
 from .codec import json_codec
 from .http_errors import install_address_redaction
 from .ingest import Ingest
 from .protocol import DEFAULT_PRODUCT
+from .ratelimit import RateLimiter
 from .releases import bundled_releases
 from .routes import setup_routes
 from .settings import Settings
@@ -62,6 +63,8 @@ def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
     app[SETTINGS] = settings
     app[CODEC] = json_codec(settings.fast)
     app[REPOS] = settings.repo_products()
+    if settings.rate_limit:
+        app[LIMITER] = RateLimiter(settings.rate_limit, settings.rate_burst)
     setup_routes(app, settings.prefix)
     app.cleanup_ctx.append(partial(_databases, worker=worker))
     return app

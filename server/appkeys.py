@@ -7,10 +7,12 @@ from aiohttp import web
 from .catalog import CatalogCache
 from .codec import JsonCodec
 from .ingest import Ingest
+from .ratelimit import RateLimiter
 from .settings import Settings
 from .storage import Storage
 
 SETTINGS = web.AppKey("settings", Settings)
+LIMITER = web.AppKey("limiter", RateLimiter)
 CODEC = web.AppKey("codec", JsonCodec)
 REPOS = web.AppKey("repos", dict[str, str])
 STORAGE = web.AppKey("storage", Storage)

@@ -9,6 +9,7 @@ place that maps them to HTTP statuses and the JSON error shape.
     │   ├── NotFoundError ........ no such release or product (404)
     │   ├── SlowRequestError ..... the body did not arrive within the read timeout (408)
     │   ├── UnsupportedMediaTypeError ........................................... (415)
+    │   └── RateLimitedError ..... this client address sent too much (429 with Retry-After)
     │   └── BodyTooLargeError ................................................... (413)
     ├── UnavailableError ......... try again later (503 with Retry-After)
     │   ├── OverloadedError ...... the ingest queue is full
@@ -54,6 +55,14 @@ class UnsupportedMediaTypeError(RequestError):
 
 class BodyTooLargeError(RequestError):
     """The request body is larger than the configured cap."""
+
+
+class RateLimitedError(RequestError):
+    """The client's address exceeded the rate limit; it may retry after ``retry_after``."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UnavailableError(TelemetryError):

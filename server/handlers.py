@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from aiohttp import hdrs, web
 
-from .appkeys import CATALOG, CODEC, INGEST, REPOS, SETTINGS, STORAGE
-from .errors import BodyTooLargeError, NotFoundError, SlowRequestError, UnsupportedMediaTypeError
+from .appkeys import CATALOG, CODEC, INGEST, LIMITER, REPOS, SETTINGS, STORAGE
+from .errors import (
+    BodyTooLargeError,
+    NotFoundError,
+    RateLimitedError,
+    SlowRequestError,
+    UnsupportedMediaTypeError,
+)
 from .protocol import parse_report, parse_user_agent, product_slug
 from .releases import Release, asset_url
 
@@ -16,6 +23,7 @@ from .releases import Release, asset_url
 async def post_version(request: web.Request) -> web.Response:
     """``POST /v1/version``: store the report, then answer with the latest release."""
     app = request.app
+    _check_rate(request)
     settings = app[SETTINGS]
     body = await _read_json_body(request, settings.max_body_bytes, settings.read_timeout)
     client = parse_user_agent(request.headers.get(hdrs.USER_AGENT))
@@ -27,6 +35,7 @@ async def post_version(request: web.Request) -> web.Response:
 
 async def get_latest_release(request: web.Request) -> web.Response:
     """``GET /repos/{owner}/{repo}/releases/latest`` in GitHub's shape (OPA >= 1.7)."""
+    _check_rate(request)
     product = _repo_product(request)
     release = request.app[CATALOG].catalog.latest(product)
     if release is None:
@@ -55,6 +64,22 @@ async def get_readiness(request: web.Request) -> web.Response:
     await request.app[STORAGE].ping()
     ingest = request.app[INGEST]
     return _json(request, {"status": "ready", "pending": ingest.pending + ingest.writing})
+
+
+def _check_rate(request: web.Request) -> None:
+    """Raise :class:`RateLimitedError` when this client's address is over its rate."""
+    limiter = request.app.get(LIMITER)
+    if limiter is None:
+        return
+    header = request.app[SETTINGS].trusted_proxy_header
+    address = None
+    if header:  # only when the operator said a proxy in front sets it
+        forwarded = request.headers.get(header, "")
+        # The proxy appends the address it saw: the rightmost entry is the one to trust.
+        address = forwarded.rsplit(",", 1)[-1].strip() or None
+    wait = limiter.acquire(address or request.remote or "")
+    if wait:
+        raise RateLimitedError("too many requests from this address", math.ceil(wait))
 
 
 async def _read_json_body(request: web.Request, limit: int, timeout: float) -> bytes:

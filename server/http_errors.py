@@ -22,6 +22,7 @@ from aiohttp import hdrs, web
 from .errors import (
     BodyTooLargeError,
     NotFoundError,
+    RateLimitedError,
     ReportError,
     RequestError,
     SlowRequestError,
@@ -82,6 +83,8 @@ def json_errors(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
+        except RateLimitedError as exc:
+            return json_error(429, exc.message, headers={hdrs.RETRY_AFTER: str(exc.retry_after)})
         except RequestError as exc:
             return json_error(STATUS_BY_ERROR.get(type(exc), 400), exc.message, exc.details)
         except UnavailableError as exc:

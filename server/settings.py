@@ -44,6 +44,13 @@ class Settings:
     catalog_refresh: float = _knob(5.0, "seconds between checks for release catalog changes")
     shutdown_timeout: float = _knob(10.0, "seconds to finish in-flight requests on SIGTERM")
     seed_catalog: bool = _knob(True, "import the bundled OPA releases on the first start")
+    rate_limit: float = _knob(
+        50.0, "reports and checks per second per client address (0: no limit)"
+    )
+    rate_burst: int = _knob(200, "requests a client address may send at once before the limit")
+    trusted_proxy_header: str = _knob(
+        "", "behind a reverse proxy: the header it sets with the client address (X-Forwarded-For)"
+    )
     repos: str = _knob(
         DEFAULT_REPOS,
         "owner/repo=product pairs, comma-separated, for GET /repos/{owner}/{repo}/releases/latest",
@@ -63,6 +70,8 @@ class Settings:
             problems.append("synchronous must be off, normal, full or extra")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             problems.append("log_level must be debug, info, warning or error")
+        if self.rate_limit < 0 or self.rate_burst < 1:
+            problems.append("rate_limit must be >= 0 and rate_burst >= 1")
         if not 1 <= self.workers <= MAX_WORKERS:
             problems.append(f"workers must be 1-{MAX_WORKERS}")
         for name in ("max_body_bytes", "queue_size", "batch_size", "retry_after"):

@@ -33,6 +33,8 @@ async def start_server(db: Path, port: int, *extra: str) -> asyncio.subprocess.P
         "--log-level",
         "warning",
         "--no-access-log",
+        "--rate-limit",
+        "0",
         *extra,
         stdout=asyncio.subprocess.PIPE,
     )

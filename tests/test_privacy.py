@@ -33,7 +33,7 @@ async def test_no_address_in_database_or_logs(
     aiohttp_server: AiohttpServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    settings = make_settings(tmp_path, access_log=True)
+    settings = make_settings(tmp_path, access_log=True, rate_limit=1.0, rate_burst=1)
     server = await aiohttp_server(
         create_app(settings),
         host="127.0.0.1",
@@ -48,6 +48,8 @@ async def test_no_address_in_database_or_logs(
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     assert (await send_from(server.host, server.port, good)).startswith(b"HTTP/1.1 200")
+    # Over the rate limit: the per-address bucket exists only in memory.
+    assert (await send_from(server.host, server.port, good)).startswith(b"HTTP/1.1 429")
     for bad in (
         b"GARBAGE\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",

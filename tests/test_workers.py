@@ -113,6 +113,8 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], Pa
             "--log-level",
             "warning",
             "--no-access-log",
+            "--rate-limit",
+            "0",
         ],
         stdout=subprocess.PIPE,
         text=True,
