@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from .appkeys import CATALOG, CODEC, INGEST, LIMITER, REPOS, SETTINGS, STORAGE
+from .appkeys import CATALOG, CODEC, EXTRA_KEYS, INGEST, LIMITER, REPOS, SETTINGS, STORAGE
 from .catalog import CatalogCache
 from .codec import json_codec
 from .http_errors import install_address_redaction
@@ -22,7 +23,7 @@ from .ratelimit import RateLimiter
 from .releases import bundled_releases
 from .routes import setup_routes
 from .settings import Settings
-from .storage import Storage, shard_path
+from .storage import PurgeResult, Storage, existing_shards, shard_path
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
     app[SETTINGS] = settings
     app[CODEC] = json_codec(settings.fast)
     app[REPOS] = settings.repo_products()
+    app[EXTRA_KEYS] = settings.extra_key_set()
     if settings.rate_limit:
         app[LIMITER] = RateLimiter(settings.rate_limit, settings.rate_burst)
     setup_routes(app, settings.prefix)
@@ -114,8 +116,36 @@ async def _databases(app: web.Application, worker: int) -> AsyncIterator[None]:
         writer = asyncio.create_task(ingest.run(), name="opa-telemetry-writer")
         refresher = asyncio.create_task(cache.run(), name="opa-telemetry-catalog-refresh")
         stack.push_async_callback(_cancel, refresher)
+        if worker == 0 and settings.retention_days:
+            retention = asyncio.create_task(_retention(settings), name="opa-telemetry-retention")
+            stack.push_async_callback(_cancel, retention)
         stack.push_async_callback(_drain, ingest, writer, settings.shutdown_timeout)
         yield
+
+
+async def purge_expired(settings: Settings, today: date | None = None) -> PurgeResult:
+    """Roll up and delete raw rows older than ``settings.retention_days`` (main and shards),
+    on a connection of its own."""
+    day = today or datetime.now(UTC).date()
+    before = (day - timedelta(days=settings.retention_days)).isoformat()
+    storage = await open_storage(settings, settings.db)
+    try:
+        return await storage.roll_up_and_purge(before, existing_shards(settings.db))
+    finally:
+        await storage.close()
+
+
+async def _retention(settings: Settings) -> None:
+    """Apply retention now and then every ``purge_interval``; a failed run is retried."""
+    while True:
+        try:
+            result = await purge_expired(settings)
+            if result.days:
+                logger.info("retention: %d days rolled up, %d raw rows deleted",
+                            result.days, result.rows_deleted)  # fmt: skip
+        except Exception:
+            logger.warning("retention run failed; will retry", exc_info=True)
+        await asyncio.sleep(settings.purge_interval)
 
 
 async def _drain(ingest: Ingest, writer: asyncio.Task[None], timeout: float) -> None:
@@ -130,7 +160,11 @@ async def _drain(ingest: Ingest, writer: asyncio.Task[None], timeout: float) -> 
     await _cancel(writer)
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+async def _cancel(task: asyncio.Task[None], timeout: float = 10.0) -> None:
+    """Cancel a background task and wait for it, at most ``timeout`` seconds."""
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        logger.warning("%s did not stop within %.0fs", task.get_name(), timeout)
+    elif not task.cancelled() and task.exception() is not None:
+        logger.warning("%s failed", task.get_name(), exc_info=task.exception())

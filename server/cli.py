@@ -29,13 +29,13 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from . import __version__
-from .app import create_app, prepare_database, runner_options
+from .app import create_app, prepare_database, purge_expired, runner_options
 from .errors import CatalogError, SchemaError, TelemetryError
 from .http_errors import ACCESS_LOG_FORMAT
 from .protocol import DEFAULT_PRODUCT
 from .releases import Release, release_from_mapping, releases_from_json
 from .settings import DEFAULT_DB, Settings, env_name
-from .storage import Stats, Storage, existing_shards
+from .storage import Day, Stats, Storage, existing_shards
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,7 +116,21 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     stats.add_argument("--days", type=int, default=7, help="last N UTC days (default 7)")
     stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.add_argument(
+        "--daily", action="store_true",
+        help="instances and reports per day, including days already rolled up by retention",
+    )  # fmt: skip
     stats.set_defaults(run=_run_stats)
+
+    purge = commands.add_parser(
+        "purge", help="roll up and delete raw rows older than the retention period"
+    )
+    purge.add_argument("--db", default=db_default, help=db_help)
+    purge.add_argument(
+        "--days", type=int, default=int(environ.get(env_name("retention_days"), 90)),
+        help=f"keep this many UTC days of raw rows (env {env_name('retention_days')}; 90)",
+    )  # fmt: skip
+    purge.set_defaults(run=_run_purge)
     return parser
 
 
@@ -408,11 +422,40 @@ def _run_releases_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_daily(args: argparse.Namespace, since: str) -> int:
+    async def work(storage: Storage) -> list[Day]:
+        return await storage.daily(args.product, since, existing_shards(args.db))
+
+    days = _with_storage(args.db, work)
+    if args.json:
+        print(json.dumps([asdict(day) for day in days], indent=1))
+        return 0
+    print(f"{'DAY (UTC)':<12} {'INSTANCES':>9} {'REPORTS':>9}  SOURCE")
+    for day in days:
+        print(f"{day.day:<12} {day.instances:>9} {day.reports:>9}  {day.source}")
+    return 0
+
+
+def _run_purge(args: argparse.Namespace) -> int:
+    if args.days < 1:
+        print("error: --days must be at least 1", file=sys.stderr)
+        return 2
+    if not Path(args.db).exists():
+        raise SchemaError(f"{args.db}: no such database")
+    settings = Settings(db=args.db, retention_days=args.days)
+    result = asyncio.run(purge_expired(settings))
+    print(f"{result.days} days rolled up, {result.rows_deleted} raw rows deleted")
+    return 0
+
+
 def _run_stats(args: argparse.Namespace) -> int:
     if args.days < 1:
         print("error: --days must be at least 1", file=sys.stderr)
         return 2
     since = (datetime.now(UTC).date() - timedelta(days=args.days - 1)).isoformat()
+
+    if args.daily:
+        return _print_daily(args, since)
 
     async def work(storage: Storage) -> Stats:
         return await storage.stats(args.product, since, existing_shards(args.db))

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from .appkeys import CATALOG, CODEC, INGEST, LIMITER, REPOS, SETTINGS, STORAGE
+from .appkeys import CATALOG, CODEC, EXTRA_KEYS, INGEST, LIMITER, REPOS, SETTINGS, STORAGE
 from .errors import (
     BodyTooLargeError,
     NotFoundError,
@@ -27,7 +27,7 @@ async def post_version(request: web.Request) -> web.Response:
     settings = app[SETTINGS]
     body = await _read_json_body(request, settings.max_body_bytes, settings.read_timeout)
     client = parse_user_agent(request.headers.get(hdrs.USER_AGENT))
-    report = parse_report(body, client, app[CODEC].loads)
+    report = parse_report(body, client, app[CODEC].loads, app[EXTRA_KEYS], settings.extra_max_bytes)
     await app[INGEST].submit(report)
     answer = app[CATALOG].answer(report.product, report.version, report.os, report.arch)
     return web.Response(body=answer, content_type="application/json")

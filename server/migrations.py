@@ -70,4 +70,26 @@ SCHEMA_V1 = (
     """,
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (SCHEMA_V1,)
+SCHEMA_V2 = (
+    # Body keys the operator allow-listed by name (--extra-keys), as one size-capped JSON object.
+    "ALTER TABLE reports ADD COLUMN extra TEXT",
+    # What survives retention: per product, UTC day, version and platform, the number of
+    # instances and reports and heap usage percentiles. No instance ids.
+    """
+    CREATE TABLE daily_rollups (
+        product TEXT NOT NULL,
+        day TEXT NOT NULL,
+        version TEXT NOT NULL,
+        os TEXT NOT NULL,
+        arch TEXT NOT NULL,
+        instances INTEGER NOT NULL,
+        reports INTEGER NOT NULL,
+        heap_p50 INTEGER,
+        heap_p90 INTEGER,
+        heap_p99 INTEGER,
+        PRIMARY KEY (product, day, version, os, arch)
+    ) WITHOUT ROWID
+    """,
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (SCHEMA_V1, SCHEMA_V2)

@@ -7,6 +7,7 @@ renders the ``latest`` answer. Nothing here touches HTTP or SQL, so it is tested
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Report:
     arch: str | None
     heap_usage_bytes: int | None
     min_compatible_version: str | None
+    extra: str | None = None  # JSON of the allow-listed keys the report carried
 
 
 def product_slug(name: str) -> str:
@@ -93,12 +95,16 @@ def parse_report(
     body: bytes,
     client: ClientInfo,
     loads: Callable[[bytes], Any],
+    extra_keys: frozenset[str] = frozenset(),
+    extra_max_bytes: int = 1024,
 ) -> Report:
     """Validate a ``POST /v1/version`` body into a :class:`Report`.
 
     Accepts ``version`` with or without ``v``, ``heap_usage_bytes`` as a decimal string or a
-    JSON integer, an empty ``min_compatible_version`` and any unknown keys (which are not
-    kept). Raises :class:`ReportError` naming every invalid field at once.
+    JSON integer, an empty ``min_compatible_version`` and any unknown keys. Unknown keys are
+    dropped unless named in ``extra_keys``; those are kept as one JSON object of at most
+    ``extra_max_bytes`` (keys whose values do not fit are dropped, in name order). Raises
+    :class:`ReportError` naming every invalid field at once.
     """
     try:
         document = loads(body)
@@ -128,7 +134,20 @@ def parse_report(
         arch=client.arch,
         heap_usage_bytes=heap,
         min_compatible_version=str(min_compatible) if min_compatible else None,
+        extra=_extra(document, extra_keys, extra_max_bytes) if extra_keys else None,
     )
+
+
+def _extra(document: Mapping[str, Any], keys: frozenset[str], limit: int) -> str | None:
+    kept: dict[str, Any] = {}
+    size = 2  # the braces
+    for key in sorted(keys & document.keys()):
+        piece = json.dumps({key: document[key]}, separators=(",", ":"), sort_keys=True)
+        cost = len(piece.encode()) - 2 + (1 if kept else 0)  # the entry and its comma
+        if size + cost <= limit:
+            kept[key] = document[key]
+            size += cost
+    return json.dumps(kept, separators=(",", ":"), sort_keys=True) if kept else None
 
 
 def _instance_id(document: Mapping[str, Any], problems: list[str]) -> str | None:

@@ -44,6 +44,14 @@ class Settings:
     catalog_refresh: float = _knob(5.0, "seconds between checks for release catalog changes")
     shutdown_timeout: float = _knob(10.0, "seconds to finish in-flight requests on SIGTERM")
     seed_catalog: bool = _knob(True, "import the bundled OPA releases on the first start")
+    extra_keys: str = _knob(
+        "", "report body keys to store besides OPA's, comma-separated (e.g. bundles,license)"
+    )
+    extra_max_bytes: int = _knob(1024, "largest stored JSON of one report's allow-listed keys")
+    retention_days: int = _knob(
+        90, "UTC days of raw per-instance rows to keep; older ones are rolled up (0: forever)"
+    )
+    purge_interval: float = _knob(3600.0, "seconds between retention runs in the server")
     rate_limit: float = _knob(
         50.0, "reports and checks per second per client address (0: no limit)"
     )
@@ -70,6 +78,8 @@ class Settings:
             problems.append("synchronous must be off, normal, full or extra")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             problems.append("log_level must be debug, info, warning or error")
+        if self.retention_days < 0 or self.purge_interval <= 0 or self.extra_max_bytes < 2:
+            problems.append("retention_days >= 0, purge_interval > 0, extra_max_bytes >= 2")
         if self.rate_limit < 0 or self.rate_burst < 1:
             problems.append("rate_limit must be >= 0 and rate_burst >= 1")
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -86,6 +96,10 @@ class Settings:
             problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
+
+    def extra_key_set(self) -> frozenset[str]:
+        """``extra_keys`` as a set of names."""
+        return frozenset(k.strip() for k in self.extra_keys.split(",") if k.strip())
 
     def repo_products(self) -> dict[str, str]:
         """``repos`` as a mapping of lowercase ``owner/repo`` to product."""

@@ -8,13 +8,15 @@ HTTP layer turns into a 503 with ``Retry-After``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import re
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,9 @@ _rows_json = json_codec(fast=True).dumps
 # ("WHERE true" resolves the parsing ambiguity of INSERT ... SELECT ... ON CONFLICT.)
 UPSERT_REPORTS_SQL = """
 INSERT INTO reports (product, day, instance_id, first_seen_at, last_seen_at, report_count,
-                     version, os, arch, heap_usage_bytes, min_compatible_version)
+                     version, os, arch, heap_usage_bytes, min_compatible_version, extra)
 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 3, 1,
-       value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8
+       value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9
 FROM json_each(?) WHERE true
 ON CONFLICT (product, day, instance_id) DO UPDATE SET
     last_seen_at = excluded.last_seen_at,
@@ -49,7 +51,8 @@ ON CONFLICT (product, day, instance_id) DO UPDATE SET
     os = excluded.os,
     arch = excluded.arch,
     heap_usage_bytes = excluded.heap_usage_bytes,
-    min_compatible_version = excluded.min_compatible_version
+    min_compatible_version = excluded.min_compatible_version,
+    extra = excluded.extra
 """
 
 COUNT_CHECKS_SQL = """
@@ -95,6 +98,43 @@ SELECT coalesce(sum(check_count), 0) FROM all_version_checks WHERE product = ? A
 """
 
 
+# One day's instances across every shard: each instance once, with the version, platform and
+# heap of its latest row and the reports of all its rows.
+DAY_INSTANCES_SQL = """
+WITH latest AS (
+    SELECT product, instance_id, max(last_seen_at) AS last_seen_at, sum(report_count) AS reports
+    FROM all_reports WHERE day = ? GROUP BY product, instance_id
+)
+SELECT r.product, r.version, coalesce(r.os, ''), coalesce(r.arch, ''), r.heap_usage_bytes,
+       latest.reports
+FROM latest JOIN all_reports AS r
+    ON r.day = ? AND r.product = latest.product AND r.instance_id = latest.instance_id
+    AND r.last_seen_at = latest.last_seen_at
+GROUP BY r.product, r.instance_id
+"""
+
+UPSERT_ROLLUP_SQL = """
+INSERT INTO main.daily_rollups (product, day, version, os, arch, instances, reports,
+                                heap_p50, heap_p90, heap_p99)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (product, day, version, os, arch) DO UPDATE SET
+    instances = instances + excluded.instances,
+    reports = reports + excluded.reports,
+    heap_p50 = coalesce(excluded.heap_p50, heap_p50),
+    heap_p90 = coalesce(excluded.heap_p90, heap_p90),
+    heap_p99 = coalesce(excluded.heap_p99, heap_p99)
+"""
+
+DAILY_SQL = """
+SELECT day, count(DISTINCT instance_id), sum(report_count), 'raw' FROM all_reports
+WHERE product = ? AND day >= ? GROUP BY day
+UNION ALL
+SELECT day, sum(instances), sum(reports), 'rollup' FROM main.daily_rollups
+WHERE product = ? AND day >= ? GROUP BY day
+ORDER BY 1, 4
+"""
+
+
 def shard_path(db: str | Path, worker: int) -> Path:
     """Where worker ``worker`` commits its reports: the main file for worker 0, else a sibling
     (``telemetry.db`` -> ``telemetry.worker1.db``), so that workers never share a write lock."""
@@ -107,6 +147,20 @@ def existing_shards(db: str | Path) -> list[Path]:
     path = Path(db)
     pattern = re.compile(re.escape(path.stem) + r"\.worker\d+" + re.escape(path.suffix) + "$")
     return sorted(p for p in path.parent.glob(f"{path.stem}.worker*") if pattern.match(p.name))
+
+
+@dataclass
+class PurgeResult:
+    days: int = 0
+    rows_deleted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Day:
+    day: str
+    instances: int
+    reports: int
+    source: str  # "raw" or "rollup"
 
 
 def utc_day(at: float) -> str:
@@ -212,7 +266,7 @@ class Storage:
         if reports:
             rows = [
                 (r.product, day, r.instance_id, seconds, r.version.text, r.os, r.arch,
-                 r.heap_usage_bytes, r.min_compatible_version)
+                 r.heap_usage_bytes, r.min_compatible_version, r.extra)
                 for r in reports
             ]  # fmt: skip
             statements.append((UPSERT_REPORTS_SQL, _rows_json(rows).decode()))
@@ -237,11 +291,11 @@ class Storage:
             raise StorageUnavailableError(f"could not commit: {exc}") from exc
 
     async def _rollback(self) -> None:
-        if self._conn.in_transaction:
-            try:
-                await self._conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                logger.debug("rollback failed", exc_info=True)
+        """Roll back if a transaction is open; never raises (the caller re-raises its error)."""
+        try:
+            await self._conn.execute("ROLLBACK")
+        except (sqlite3.Error, ValueError):
+            logger.debug("nothing to roll back", exc_info=True)
 
     # -- the release catalog ----------------------------------------------------------------
 
@@ -340,22 +394,9 @@ class Storage:
 
     async def stats(self, product: str, since: str, shards: Sequence[Path] = ()) -> Stats:
         """Instances and reports per version and platform for ``product`` since day ``since``,
-        over this database and the worker ``shards`` (attached read-only for the query)."""
-        sources = ["main"]
-        try:
-            for number, shard in enumerate(shards, start=1):
-                await self._conn.execute(f"ATTACH DATABASE ? AS shard{number}", (str(shard),))
-                sources.append(f"shard{number}")
-            for table in ("reports", "version_checks"):
-                # Schema and table names are ours (main, shardN; two constants), never input.
-                union = " UNION ALL ".join(f"SELECT * FROM {s}.{table}" for s in sources)  # noqa: S608
-                await self._conn.execute(f"CREATE TEMP VIEW all_{table} AS {union}")
+        over the raw rows of this database and the worker ``shards``."""
+        async with self._attached(shards):
             return await self._stats(product, since)
-        finally:
-            for table in ("reports", "version_checks"):
-                await self._conn.execute(f"DROP VIEW IF EXISTS temp.all_{table}")
-            for source in sources[1:]:
-                await self._conn.execute(f"DETACH DATABASE {source}")
 
     async def _stats(self, product: str, since: str) -> Stats:
         args = (product, since)
@@ -369,6 +410,93 @@ class Storage:
             by_platform = [PlatformCount(o, a, i) for o, a, i in await cursor.fetchall()]
         by_version.sort(key=lambda c: parse_version(c.version).precedence, reverse=True)
         return Stats(product, since, instances, reports, checks, by_version, by_platform)
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def roll_up_and_purge(self, before: str, shards: Sequence[Path] = ()) -> PurgeResult:
+        """For every UTC day before ``before`` that still has raw rows (here or in ``shards``),
+        write its daily rollups, then delete its raw rows; one transaction per day.
+
+        Run it on a connection of its own (not the ingest writer's): the transaction must not
+        take in the writer's statements. An instance that reached two worker shards on one day
+        counts once, with the version of its latest report.
+        """
+        result = PurgeResult()
+        async with self._attached(shards) as sources:
+            async with self._conn.execute(
+                "SELECT DISTINCT day FROM all_reports WHERE day < ? ORDER BY day", (before,)
+            ) as cursor:
+                days = [day for (day,) in await cursor.fetchall()]
+            for day in days:
+                await self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    async with self._conn.execute(DAY_INSTANCES_SQL, (day, day)) as cursor:
+                        rows = await cursor.fetchall()
+                    rollups = _rollups(day, rows)
+                    await self._conn.executemany(UPSERT_ROLLUP_SQL, rollups)
+                    for source in sources:
+                        cursor = await self._conn.execute(
+                            f"DELETE FROM {source}.reports WHERE day = ?",  # noqa: S608 - ours
+                            (day,),
+                        )
+                        result.rows_deleted += cursor.rowcount
+                    await self._conn.execute("COMMIT")
+                except BaseException:
+                    await self._rollback()
+                    raise
+                result.days += 1
+        return result
+
+    async def daily(self, product: str, since: str, shards: Sequence[Path] = ()) -> list[Day]:
+        """Instances and reports per UTC day since ``since``: from raw rows where they are
+        still kept, from the daily rollups where retention has removed them."""
+        args = (product, since, product, since)
+        async with self._attached(shards), self._conn.execute(DAILY_SQL, args) as cursor:
+            return [Day(d, i, r, source) for d, i, r, source in await cursor.fetchall()]
+
+    @contextlib.asynccontextmanager
+    async def _attached(self, shards: Sequence[Path]) -> AsyncIterator[list[str]]:
+        """Attach ``shards`` and define ``all_reports`` / ``all_version_checks`` over them."""
+        sources = ["main"]
+        try:
+            for number, shard in enumerate(shards, start=1):
+                await self._conn.execute(f"ATTACH DATABASE ? AS shard{number}", (str(shard),))
+                sources.append(f"shard{number}")
+            for table in ("reports", "version_checks"):
+                # Schema and table names are ours (main, shardN; two constants), never input.
+                union = " UNION ALL ".join(f"SELECT * FROM {s}.{table}" for s in sources)  # noqa: S608
+                await self._conn.execute(f"CREATE TEMP VIEW all_{table} AS {union}")
+            yield sources
+        finally:
+            for table in ("reports", "version_checks"):
+                await self._conn.execute(f"DROP VIEW IF EXISTS temp.all_{table}")
+            for source in sources[1:]:
+                await self._conn.execute(f"DETACH DATABASE {source}")
+
+
+def _rollups(day: str, rows: Iterable[Any]) -> list[tuple[Any, ...]]:
+    """Group one day's per-instance rows into rollup rows with heap percentiles."""
+    groups: dict[tuple[str, str, str, str], tuple[int, int, list[int]]] = {}
+    for product, version, os_name, arch, heap, reports in rows:
+        key = (product, version, os_name, arch)
+        instances, total, heaps = groups.get(key, (0, 0, []))
+        if heap is not None:
+            heaps.append(int(heap))
+        groups[key] = (instances + 1, total + int(reports), heaps)
+    return [
+        (product, day, version, os_name, arch, instances, total,
+         *(_percentile(heaps, p) for p in (50, 90, 99)))
+        for (product, version, os_name, arch), (instances, total, heaps) in groups.items()
+    ]  # fmt: skip
+
+
+def _percentile(values: list[int], percent: float) -> int | None:
+    """Nearest-rank percentile, ``None`` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(percent / 100 * len(ordered)))
+    return ordered[rank - 1]
 
 
 def _checked_synchronous(value: str) -> str:
@@ -421,6 +549,8 @@ async def _migrate(
                 logger.info("database migrated to schema version %d", number)
             await conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
+            # Never let a failed ROLLBACK (the COMMIT may have completed after all, e.g. when
+            # we were cancelled while it ran) replace the error that brought us here.
+            with contextlib.suppress(sqlite3.Error, ValueError):
                 await conn.execute("ROLLBACK")
             raise

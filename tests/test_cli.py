@@ -104,8 +104,9 @@ def test_stats_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     with sqlite3.connect(db) as conn:
         today = time.strftime("%Y-%m-%d", time.gmtime())
         conn.execute(
-            "INSERT INTO reports VALUES ('opa', ?, 'id-1', 0, 0, 3, '1.5.1', 'linux',"
-            " 'amd64', 1, NULL)",
+            "INSERT INTO reports (product, day, instance_id, first_seen_at, last_seen_at,"
+            " report_count, version, os, arch) VALUES ('opa', ?, 'id-1', 0, 0, 3, '1.5.1',"
+            " 'linux', 'amd64')",
             (today,),
         )
     code, out, _ = run(capsys, "stats", "--db", db, "--json")
