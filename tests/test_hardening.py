@@ -257,3 +257,70 @@ def test_json_error_shape_helper_is_used_for_405() -> None:
     app = create_app(make_settings(Path("/nonexistent")))
     assert any(r.method == "*" for r in app.router.routes())
     assert isinstance(app, web.Application)
+
+
+async def test_overload_answers_503_at_once_keeps_health_and_recovers(
+    aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    import aiohttp
+
+    from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
+    from opa_telemetry_server.appkeys import INGEST
+
+    server = await start(aiohttp_server, tmp_path, queue_size=50, busy_timeout=30.0)
+    ingest = server.app[INGEST]
+    url = str(server.make_url("")).rstrip("/")
+    blocker = sqlite3.connect(tmp_path / "telemetry.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # capacity drops to zero: nothing can commit
+    health_latencies: list[float] = []
+    deepest = 0
+
+    async def probe_health(session: aiohttp.ClientSession) -> None:
+        nonlocal deepest
+        loop = asyncio.get_running_loop()
+        for _ in range(20):
+            began = loop.time()
+            async with session.get(f"{url}/healthz") as response:
+                assert response.status == 200
+            health_latencies.append(loop.time() - began)
+            deepest = max(deepest, ingest.pending)
+            await asyncio.sleep(0.05)
+
+    async with aiohttp.ClientSession() as session:
+        try:
+            flood = LoadConfig(
+                parse_target(url),
+                concurrency=64,
+                rate=2000,
+                requests=3000,
+                duration=None,
+                timeout=2.0,
+            )
+            result, _ = await asyncio.gather(run_load(flood), probe_health(session))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        # 3000 requests against 51 places (50 queued, 1 being written): the rest were refused
+        # at once with 503, and the queue never grew past its bound.
+        assert result.statuses[503] >= 3000 - 51 - result.errors["timeout"]
+        assert set(result.statuses) == {503} and set(result.errors) <= {"timeout"}
+        assert deepest <= 50 and ingest.pending <= 50
+        assert max(health_latencies) < 1.0
+        # The load is gone and the lock released: within SQLite's busy-retry interval the
+        # queue drains and reports are answered 200 again.
+        loop = asyncio.get_running_loop()
+        released = loop.time()
+        async with asyncio.timeout(5):  # hang guard
+            while True:
+                async with session.post(
+                    f"{url}/v1/version", json=report_body(), headers=JSON
+                ) as response:
+                    if response.status == 200:
+                        break
+                    assert response.status == 503
+                await asyncio.sleep(0.02)
+        assert loop.time() - released < 1.0
+    with sqlite3.connect(tmp_path / "telemetry.db") as conn:
+        stored = conn.execute("SELECT coalesce(sum(report_count), 0) FROM reports").fetchone()[0]
+    # Reports still queued when the load tester gave up on them may commit afterwards.
+    assert 1 <= stored <= 1 + 51
