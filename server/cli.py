@@ -114,7 +114,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     stats = commands.add_parser(
         "stats", parents=[common], help="instances per version and platform"
     )
-    stats.add_argument("--days", type=int, default=7, help="last N UTC days (default 7)")
+    stats.add_argument("--days", type=_positive_int, default=7, help="last N UTC days (7)")
     stats.add_argument("--json", action="store_true", help="print JSON")
     stats.add_argument(
         "--daily", action="store_true",
@@ -127,11 +127,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     purge.add_argument("--db", default=db_default, help=db_help)
     purge.add_argument(
-        "--days", type=int, default=int(environ.get(env_name("retention_days"), 90)),
+        "--days", type=_positive_int,
+        default=int(environ.get(env_name("retention_days"), 90)),
         help=f"keep this many UTC days of raw rows (env {env_name('retention_days')}; 90)",
     )  # fmt: skip
     purge.set_defaults(run=_run_purge)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
@@ -437,9 +445,6 @@ def _print_daily(args: argparse.Namespace, since: str) -> int:
 
 
 def _run_purge(args: argparse.Namespace) -> int:
-    if args.days < 1:
-        print("error: --days must be at least 1", file=sys.stderr)
-        return 2
     if not Path(args.db).exists():
         raise SchemaError(f"{args.db}: no such database")
     settings = Settings(db=args.db, retention_days=args.days)
@@ -449,9 +454,6 @@ def _run_purge(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    if args.days < 1:
-        print("error: --days must be at least 1", file=sys.stderr)
-        return 2
     since = (datetime.now(UTC).date() - timedelta(days=args.days - 1)).isoformat()
 
     if args.daily:

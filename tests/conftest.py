@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,38 @@ INSTANCE_ID = "a72dc36a-72db-458d-9208-9be4189e4ab7"
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 AiohttpServer = Callable[..., Awaitable[TestServer]]
+
+
+LISTENING = re.compile(r"listening on (http://\S+)")
+
+
+def serve_argv(db: Path, *extra: str) -> list[str]:
+    """``python -m opa_telemetry_server serve`` on a free port, quiet, without a rate limit
+    (the tests that use it send load from one address)."""
+    return [
+        sys.executable,
+        "-m",
+        "opa_telemetry_server",
+        "serve",
+        "--port",
+        "0",
+        "--db",
+        str(db),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--rate-limit",
+        "0",
+        *extra,
+    ]
+
+
+def ready_url(line: str | bytes) -> str:
+    """The base URL from the ready line ``serve`` prints once it listens."""
+    text = line.decode() if isinstance(line, bytes) else line
+    match = LISTENING.search(text)
+    assert match, f"the server did not report ready: {text!r}"
+    return match.group(1)
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

@@ -22,9 +22,7 @@ from opa_telemetry_server.cli import build_parser, main, settings_from_args
 from opa_telemetry_server.releases import bundled_releases
 from opa_telemetry_server.storage import Storage
 
-from .conftest import RECORDED_REQUEST, REPO
-
-LISTENING = re.compile(r"listening on (http://\S+)")
+from .conftest import RECORDED_REQUEST, REPO, ready_url, serve_argv
 
 
 def make_db(path: Path, seed: bool = True) -> str:
@@ -137,26 +135,11 @@ def test_serve_rejects_invalid_settings(capsys: pytest.CaptureFixture[str]) -> N
 def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """A real ``python -m opa_telemetry_server serve`` process on a free port."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "opa_telemetry_server",
-            "serve",
-            "--port",
-            "0",
-            "--db",
-            str(tmp_path / "served.db"),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+        serve_argv(tmp_path / "served.db"), stdout=subprocess.PIPE, text=True
     )
     try:
         assert process.stdout is not None
-        match = LISTENING.search(process.stdout.readline())
-        assert match, "server did not start"
-        yield match.group(1), process
+        yield ready_url(process.stdout.readline()), process
     finally:
         if process.poll() is None:
             process.kill()
@@ -237,10 +220,10 @@ def test_make_run_starts_a_server_that_answers_a_report(
         assert process.stdout is not None
         deadline = time.monotonic() + 300
         line = ""
-        while time.monotonic() < deadline and not LISTENING.search(line):
+        while time.monotonic() < deadline and "listening on" not in line:
             line = process.stdout.readline()
             assert line or process.poll() is None, "make run exited early"
-        url = LISTENING.search(line).group(1)  # type: ignore[union-attr]
+        url = ready_url(line)
         code = client_main(["check", "--url", url, "--version", "1.20.2"])
         assert code == 0
     finally:

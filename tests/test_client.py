@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -313,18 +313,24 @@ def test_importing_the_client_does_not_import_aiohttp_or_the_server() -> None:
     assert result.returncode == 0, result.stderr
 
 
-async def run_isolated_async(code: str) -> tuple[int, str, str]:
-    """Like ``run_isolated`` but keeps this loop (and the fake service on it) running."""
+async def run_isolated_async(
+    code: str, before_input: Awaitable[None] | None = None
+) -> tuple[int, str, str]:
+    """Like ``run_isolated`` but keeps this loop (and the fake service on it) running; with
+    ``before_input``, the child's stdin gets a line only once that has happened."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-W",
         "error",
         "-c",
         code,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    if before_input is not None:
+        await before_input
+    stdout, stderr = await asyncio.wait_for(process.communicate(b"go\n"), 60)
     return process.returncode or 0, stdout.decode(), stderr.decode()
 
 
@@ -341,19 +347,8 @@ async def test_exiting_without_aclose_while_a_request_hangs_prints_nothing(
         "asyncio.run(main())\n"
         "print('ok')\n"
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-W",
-        "error",
-        "-c",
-        code,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    await fake_service.wait_for_requests(1, timeout=30)
-    stdout, stderr = await asyncio.wait_for(process.communicate(b"go\n"), 60)
-    assert (process.returncode, stdout, stderr) == (0, b"ok\n", b"")
+    result = await run_isolated_async(code, fake_service.wait_for_requests(1, timeout=30))
+    assert result == (0, "ok\n", "")
 
 
 async def test_reporter_works_under_uvloop_without_warnings(fake_service: FakeService) -> None:

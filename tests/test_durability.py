@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import signal
 import sqlite3
-import sys
 from pathlib import Path
 
 from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
+
+from .conftest import ready_url, serve_argv
 
 KILLS = 6
 
@@ -22,25 +22,10 @@ def stored_reports(db: Path) -> int:
 
 async def start_server(db: Path, port: int, *extra: str) -> asyncio.subprocess.Process:
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "opa_telemetry_server",
-        "serve",
-        "--port",
-        str(port),
-        "--db",
-        str(db),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-        "--rate-limit",
-        "0",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
+        *serve_argv(db, "--port", str(port), *extra), stdout=asyncio.subprocess.PIPE
     )
     assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), 60)
-    assert re.search(rb"listening on http://", line), line
+    ready_url(await asyncio.wait_for(process.stdout.readline(), 60))
     return process
 
 

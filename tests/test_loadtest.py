@@ -113,9 +113,13 @@ async def test_error_kinds_are_told_apart(unused_tcp_port: int) -> None:
         writer.close()
 
     refused = await run_load(
-        LoadConfig(parse_target(f"http://127.0.0.1:{unused_tcp_port}"), concurrency=2,
-                   requests=4, duration=None)
-    )  # fmt: skip
+        LoadConfig(
+            parse_target(f"http://127.0.0.1:{unused_tcp_port}"),
+            concurrency=2,
+            requests=4,
+            duration=None,
+        )
+    )
     assert refused.errors == {"refused": 4}
     for handler, kind in ((garbage, "bad answer"), (silent, "timeout")):
         release.clear()
@@ -131,8 +135,13 @@ async def test_error_kinds_are_told_apart(unused_tcp_port: int) -> None:
         server = await asyncio.start_server(tracked, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         async with server:
-            config = LoadConfig(parse_target(f"http://127.0.0.1:{port}"), concurrency=2,
-                                requests=2, duration=None, timeout=0.3)  # fmt: skip
+            config = LoadConfig(
+                parse_target(f"http://127.0.0.1:{port}"),
+                concurrency=2,
+                requests=2,
+                duration=None,
+                timeout=0.3,
+            )
             result = await run_load(config)
             release.set()
             await asyncio.gather(*handlers)  # the stub closes its sockets before we go on

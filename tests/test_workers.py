@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from opa_telemetry_server.protocol import Report
 from opa_telemetry_server.storage import Storage, existing_shards, shard_path
 from opa_telemetry_server.versions import parse_version
 
-from .conftest import INSTANCE_ID, AiohttpClient, make_settings, report_body
+from .conftest import INSTANCE_ID, AiohttpClient, make_settings, ready_url, report_body, serve_argv
 
 DAY = 1_790_000_000.0  # 2026-09-21 UTC
 
@@ -98,32 +96,10 @@ async def _stats(db: str) -> dict[str, object]:
 @pytest.fixture
 def two_workers(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], Path]]:
     db = tmp_path / "w.db"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "opa_telemetry_server",
-            "serve",
-            "--port",
-            "0",
-            "--db",
-            str(db),
-            "--workers",
-            "2",
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            "--rate-limit",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    process = subprocess.Popen(serve_argv(db, "--workers", "2"), stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
-        match = re.search(r"listening on (http://\S+)", process.stdout.readline())
-        assert match, "the supervisor did not report ready"
-        yield match.group(1), process, db
+        yield ready_url(process.stdout.readline()), process, db
     finally:
         if process.poll() is None:
             process.kill()
