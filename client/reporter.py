@@ -9,9 +9,11 @@ app. :meth:`Reporter.aclose` cancels the task and waits a bounded time for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import logging
+import os
 import random
 import sys
 import uuid
@@ -131,6 +133,7 @@ class Reporter:
         self._gatherers = dict(gatherers or {})
         self._on_latest = on_latest
         self._task: asyncio.Task[None] | None = None
+        self._pid = os.getpid()
         self._rng = random.Random()  # noqa: S311 - jitter, not secrets
 
     def payload(self) -> Payload:
@@ -145,10 +148,18 @@ class Reporter:
         Must be called with a running event loop (raises RuntimeError otherwise); does nothing
         when reporting is disabled.
         """
+        if self._pid != os.getpid():
+            # Created before a fork (a pre-fork server): this process is a new instance, and
+            # the parent's task belongs to a loop that does not run here.
+            self._pid, self._task = os.getpid(), None
+            self.instance_id = str(uuid.uuid4())
         if not self.enabled or self._task is not None:
             return
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name=f"opa-telemetry reporter {self.url}")
+        # A host that closes its loop without cancelling tasks would otherwise print "Task was
+        # destroyed but it is pending!" for us; we hold nothing that must be flushed.
+        self._task._log_destroy_pending = False  # type: ignore[attr-defined]
 
     async def aclose(self) -> None:
         """Stop reporting: cancel the task and wait at most ``close_timeout`` for it; idempotent."""
@@ -175,6 +186,7 @@ class Reporter:
     async def _run(self) -> None:
         session: Any = None
         failures, retry_after = 0, None
+        loop_gone = False
         try:
             for scheduled in self.schedule.delays(self._rng):
                 delay = self.schedule.next_delay(scheduled, failures, retry_after, self._rng)
@@ -192,6 +204,9 @@ class Reporter:
                     failures, retry_after = 0, None
                     await self._deliver(latest)
                 except Exception as exc:  # the client's one catch-all: nothing reaches the host
+                    if not _loop_running():  # closed under us (GeneratorExit, re-raised as
+                        loop_gone = True  # another error by a library): stop, await nothing
+                        return
                     if answered:  # the host's on_latest callback failed, not the service
                         logger.debug("opa-telemetry on_latest callback failed", exc_info=True)
                         continue
@@ -199,9 +214,16 @@ class Reporter:
                     retry_after = getattr(exc, "retry_after", None)
                     logger.debug("opa-telemetry report to %s failed (%d in a row)", self.url,
                                  failures, exc_info=True)  # fmt: skip
+        except GeneratorExit:
+            # The host closed its loop with us mid-await: nothing can be awaited any more.
+            loop_gone = True
+            raise
         finally:
             if session is not None:
-                await session.close()
+                if loop_gone:
+                    _abandon(session)
+                else:
+                    await session.close()
 
     async def _deliver(self, latest: LatestRelease) -> None:
         if not latest.up_to_date and latest.latest_release:
@@ -224,6 +246,22 @@ class Reporter:
             result = self._on_latest(latest)
             if inspect.isawaitable(result):
                 await result
+
+
+def _abandon(session: Any) -> None:
+    """Mark a session closed without awaiting (its loop is gone), so that aiohttp does not log
+    "Unclosed client session" for it at garbage collection. ``_close`` is the connector's
+    synchronous close; with a closed loop it only sets the flag."""
+    with contextlib.suppress(Exception):
+        session.connector._close()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 async def check_latest(

@@ -445,3 +445,66 @@ async def test_hostile_servers_neither_stall_the_loop_nor_reach_the_host(
 
     assert await lag_while(scenario) < 0.5
     assert [r for r in caplog.records if r.levelno > logging.DEBUG] == []
+
+
+async def test_host_closing_its_loop_mid_request_prints_nothing(fake_service: FakeService) -> None:
+    fake_service.mode = "hang"
+    # Default warning filters, as a user runs: no "Task was destroyed", no "coroutine ignored
+    # GeneratorExit". (With -W error aiohttp still reports the connection it could not close.)
+    code = (
+        "import asyncio, sys, opa_telemetry\n"
+        "loop = asyncio.new_event_loop()\n"
+        f"r = opa_telemetry.Reporter('MyApp', '1.0.0', url={fake_service.url!r})\n"
+        "async def main():\n"
+        "    r.start()\n"
+        "    await asyncio.to_thread(sys.stdin.readline)\n"
+        "loop.run_until_complete(main())\n"
+        "loop.close()\n"  # no aclose(), no cancelling: the request is still in flight
+        "print('ok')\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await fake_service.wait_for_requests(1, timeout=30)
+    stdout, stderr = await asyncio.wait_for(process.communicate(b"go\n"), 60)
+    assert (process.returncode, stdout, stderr) == (0, b"ok\n", b"")
+
+
+async def test_a_fork_starts_a_new_instance(fake_service: FakeService) -> None:
+    # A pre-fork server: the Reporter reports in the parent, then each child is a new instance.
+    code = (
+        "import asyncio, os, opa_telemetry\n"
+        f"r = opa_telemetry.Reporter('MyApp', '1.0.0', url={fake_service.url!r})\n"
+        "async def once():\n"
+        "    done = asyncio.Event()\n"
+        "    r._on_latest = lambda _: done.set()\n"
+        "    r.start()\n"
+        "    await asyncio.wait_for(done.wait(), 20)\n"
+        "    await r.aclose()\n"
+        "async def report_then_keep_task():\n"
+        "    r.start()\n"
+        "    while r.reports_sent == 0: await asyncio.sleep(0.01)\n"
+        "asyncio.run(report_then_keep_task())\n"  # the parent's task is left behind
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    asyncio.run(once())\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "print(r.instance_id)\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr
+    ids = [json.loads(body)["id"] for _, body, _ in fake_service.requests]
+    assert len(ids) == 2 and ids[0] == stdout.decode().strip() and ids[1] != ids[0]
