@@ -251,8 +251,9 @@ class Reporter:
 def _abandon(session: Any) -> None:
     """Mark a session closed without awaiting (its loop is gone), so that aiohttp does not log
     "Unclosed client session" for it at garbage collection. ``_close`` is the connector's
-    synchronous close; with a closed loop it only sets the flag."""
-    with contextlib.suppress(Exception):
+    synchronous close; with a closed loop it only sets the flag. If a future aiohttp renames
+    it, the only loss is that log line."""
+    with contextlib.suppress(AttributeError, TypeError):
         session.connector._close()
 
 
