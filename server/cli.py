@@ -301,34 +301,35 @@ async def serve(
 
     ``ready`` receives the base URL once the socket listens (default: print it).
     """
-    app = create_app(settings, worker=worker)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        access_log_format=ACCESS_LOG_FORMAT,
-        shutdown_timeout=settings.shutdown_timeout,
-        **runner_options(settings),
-    )
-    await runner.setup()
+    # Handlers first: a SIGTERM that arrives while we start (or right after "listening") must
+    # still mean "drain and exit 0", never the default of dying on the spot.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        url = f"http://{host}:{port}{settings.prefix}"
-        (ready or _print_ready)(url)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+        app = create_app(settings, worker=worker)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+            access_log_format=ACCESS_LOG_FORMAT,
+            shutdown_timeout=settings.shutdown_timeout,
+            **runner_options(settings),
+        )
+        await runner.setup()
         try:
+            site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            (ready or _print_ready)(f"http://{host}:{port}{settings.prefix}")
             await stop.wait()
+            logger.info("shutting down: finishing in-flight requests")
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
-        logger.info("shutting down: finishing in-flight requests")
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
     logger.info("stopped")
 
 

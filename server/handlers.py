@@ -92,6 +92,8 @@ async def _read_json_body(request: web.Request, limit: int, timeout: float) -> b
     if request.content_length is not None and request.content_length > limit:
         # Refuse before reading a byte; a chunked body is capped by client_max_size instead.
         raise BodyTooLargeError(f"body is larger than {limit} bytes")
+    if request.content.is_eof():  # the usual case: the body came with the headers
+        return await request.read()
     try:
         async with asyncio.timeout(timeout):
             return await request.read()

@@ -41,6 +41,7 @@ class Ingest:
         self._batch_size = batch_size
         self._retry_after = retry_after
         self._wakeup: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()  # made inside the app's running loop
         self._accepting = True
         self.batches = 0
         self.committed = 0
@@ -60,7 +61,7 @@ class Ingest:
             raise ShuttingDownError("server is shutting down", self._retry_after)
         if len(self._queue) >= self._queue_size:
             raise OverloadedError("too many reports waiting", self._retry_after)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = self._loop.create_future()
         self._queue.append((item, future))
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
@@ -72,12 +73,11 @@ class Ingest:
 
         Never raises on a failed write: those requests get a 503 and the writer goes on.
         """
-        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 if not self._accepting:
                     return
-                self._wakeup = loop.create_future()
+                self._wakeup = self._loop.create_future()
                 await self._wakeup
                 continue
             take = min(len(self._queue), self._batch_size)

@@ -233,3 +233,22 @@ def test_make_run_starts_a_server_that_answers_a_report(
             process.stdout.close()
     with sqlite3.connect(tmp_path / "make.db") as conn:
         assert conn.execute("SELECT version FROM reports").fetchall() == [("1.20.2",)]
+
+
+def test_sigterm_right_after_ready_still_drains_and_exits_0(tmp_path: Path) -> None:
+    # The ready line is a promise: from then on SIGTERM means a graceful stop, never death.
+    for attempt in range(5):
+        process = subprocess.Popen(
+            serve_argv(tmp_path / f"r{attempt}.db"), stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert process.stdout is not None
+            ready_url(process.stdout.readline())
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            if process.stdout:
+                process.stdout.close()
