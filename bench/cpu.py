@@ -1,6 +1,7 @@
 """Where a server's CPU goes per request: run one load, read each thread's CPU time.
 
     python bench/cpu.py real --connections 64 --duration 5 --instances 20000
+    python bench/cpu.py real --server-arg=--wal-checkpoint-pages=1000
     python bench/cpu.py bare
 
 Starts the chosen server on 127.0.0.1 (``real``: the project's server on a fresh database,
@@ -42,13 +43,20 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--instances", type=int, default=20000)
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flag for the real server, e.g. --server-arg=--batch-size=64",
+    )
     args = parser.parse_args()
     if not 0 < args.duration <= 120:
         parser.error("--duration must be in (0, 120]")
     with tempfile.TemporaryDirectory(prefix="opa-telemetry-cpu-") as tmp:
         port = free_port()
         command = (bare_command(port, 1) if args.server == "bare"
-                   else real_command(port, 1, Path(tmp) / "cpu.db"))  # fmt: skip
+                   else real_command(port, 1, Path(tmp) / "cpu.db", *args.server_arg))  # fmt: skip
         with running(command, port):
             pid = server_pid(port)
             before, started = thread_cpu(pid), time.monotonic()

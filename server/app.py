@@ -77,6 +77,7 @@ async def open_storage(settings: Settings, path: str | Path) -> Storage:
         path,
         synchronous=settings.synchronous,
         busy_timeout_ms=int(settings.busy_timeout * 1000),
+        wal_checkpoint_pages=settings.wal_checkpoint_pages,
     )
 
 

@@ -33,6 +33,10 @@ class Settings:
         "full",
         "SQLite synchronous mode: full survives power loss, normal survives process crashes",
     )
+    wal_checkpoint_pages: int = _knob(
+        10000,
+        "WAL pages between automatic checkpoints (4 KiB each): more copies hot pages less often",
+    )
     busy_timeout: float = _knob(5.0, "seconds a write waits for a locked database before a 503")
     max_body_bytes: int = _knob(8192, "largest accepted request body, in bytes")
     read_timeout: float = _knob(
@@ -84,7 +88,13 @@ class Settings:
             problems.append("rate_limit must be >= 0 and rate_burst >= 1")
         if not 1 <= self.workers <= MAX_WORKERS:
             problems.append(f"workers must be 1-{MAX_WORKERS}")
-        for name in ("max_body_bytes", "queue_size", "batch_size", "retry_after"):
+        for name in (
+            "max_body_bytes",
+            "queue_size",
+            "batch_size",
+            "retry_after",
+            "wal_checkpoint_pages",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         for name in ("catalog_refresh", "shutdown_timeout", "busy_timeout", "read_timeout"):

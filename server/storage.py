@@ -210,6 +210,7 @@ class Storage:
         *,
         synchronous: str = "full",
         busy_timeout_ms: int = 5000,
+        wal_checkpoint_pages: int = 1000,
     ) -> Storage:
         """Open (creating if needed) and migrate the database at ``path``.
 
@@ -225,6 +226,7 @@ class Storage:
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_checkpoint_pages)}")
             await conn.execute(f"PRAGMA synchronous = {_checked_synchronous(synchronous)}")
             await _migrate(conn)
         except sqlite3.DatabaseError as exc:
