@@ -110,9 +110,6 @@ class Catalog:
     def releases(self, product: str) -> Sequence[Release]:
         return self._releases.get(product, ())
 
-    def products(self) -> list[str]:
-        return sorted(self._releases)
-
 
 def release_from_mapping(entry: Mapping[str, Any]) -> Release:
     """Build a :class:`Release` from the bundled catalog's JSON shape; raises CatalogError.

@@ -314,14 +314,14 @@ def test_importing_the_client_does_not_import_aiohttp_or_the_server() -> None:
 
 
 async def run_isolated_async(
-    code: str, before_input: Awaitable[None] | None = None
+    code: str, before_input: Awaitable[None] | None = None, *, warnings_as_errors: bool = True
 ) -> tuple[int, str, str]:
     """Like ``run_isolated`` but keeps this loop (and the fake service on it) running; with
     ``before_input``, the child's stdin gets a line only once that has happened."""
+    flags = ["-W", "error"] if warnings_as_errors else []
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-W",
-        "error",
+        *flags,
         "-c",
         code,
         stdin=asyncio.subprocess.PIPE,
@@ -462,17 +462,10 @@ async def test_host_closing_its_loop_mid_request_prints_nothing(fake_service: Fa
         "loop.close()\n"  # no aclose(), no cancelling: the request is still in flight
         "print('ok')\n"
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        code,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    result = await run_isolated_async(
+        code, fake_service.wait_for_requests(1, timeout=30), warnings_as_errors=False
     )
-    await fake_service.wait_for_requests(1, timeout=30)
-    stdout, stderr = await asyncio.wait_for(process.communicate(b"go\n"), 60)
-    assert (process.returncode, stdout, stderr) == (0, b"ok\n", b"")
+    assert result == (0, "ok\n", "")
 
 
 async def test_a_fork_starts_a_new_instance(fake_service: FakeService) -> None:
@@ -497,14 +490,7 @@ async def test_a_fork_starts_a_new_instance(fake_service: FakeService) -> None:
         "os.waitpid(pid, 0)\n"
         "print(r.instance_id)\n"
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        code,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, stderr
+    returncode, stdout, stderr = await run_isolated_async(code, warnings_as_errors=False)
+    assert returncode == 0, stderr
     ids = [json.loads(body)["id"] for _, body, _ in fake_service.requests]
-    assert len(ids) == 2 and ids[0] == stdout.decode().strip() and ids[1] != ids[0]
+    assert len(ids) == 2 and ids[0] == stdout.strip() and ids[1] != ids[0]
