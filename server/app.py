@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .appkeys import CATALOG, CODEC, EXTRA_KEYS, INGEST, LIMITER, REPOS, SETTINGS, STORAGE
+from .appkeys import CATALOG, CODEC, INGEST, INTAKE, REPOS, SETTINGS, STORAGE, Intake
 from .catalog import CatalogCache
 from .codec import json_codec
 from .http_errors import install_address_redaction
@@ -64,9 +64,6 @@ def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
     app[SETTINGS] = settings
     app[CODEC] = json_codec(settings.fast)
     app[REPOS] = settings.repo_products()
-    app[EXTRA_KEYS] = settings.extra_key_set()
-    if settings.rate_limit:
-        app[LIMITER] = RateLimiter(settings.rate_limit, settings.rate_burst)
     setup_routes(app, settings.prefix)
     app.cleanup_ctx.append(partial(_databases, worker=worker))
     return app
@@ -114,6 +111,18 @@ async def _databases(app: web.Application, worker: int) -> AsyncIterator[None]:
             retry_after=settings.retry_after,
         )
         app[STORAGE], app[CATALOG], app[INGEST] = main, cache, ingest
+        app[INTAKE] = Intake(
+            ingest=ingest,
+            catalog=cache,
+            limiter=(RateLimiter(settings.rate_limit, settings.rate_burst)
+                     if settings.rate_limit else None),
+            trusted_proxy_header=settings.trusted_proxy_header,
+            loads=app[CODEC].loads,
+            extra_keys=settings.extra_key_set(),
+            extra_max_bytes=settings.extra_max_bytes,
+            max_body_bytes=settings.max_body_bytes,
+            read_timeout=settings.read_timeout,
+        )  # fmt: skip
         writer = asyncio.create_task(ingest.run(), name="opa-telemetry-writer")
         refresher = asyncio.create_task(cache.run(), name="opa-telemetry-catalog-refresh")
         stack.push_async_callback(_cancel, refresher)

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from .appkeys import CATALOG, CODEC, EXTRA_KEYS, INGEST, LIMITER, REPOS, SETTINGS, STORAGE
+from .appkeys import CATALOG, CODEC, INGEST, INTAKE, REPOS, SETTINGS, STORAGE, Intake
 from .errors import (
     BodyTooLargeError,
     NotFoundError,
@@ -16,31 +16,45 @@ from .errors import (
     SlowRequestError,
     UnsupportedMediaTypeError,
 )
+from .http_errors import error_answer
 from .protocol import parse_report, parse_user_agent, product_slug
 from .releases import Release, asset_url
 
 
-async def post_version(request: web.Request) -> web.Response:
-    """``POST /v1/version``: store the report, then answer with the latest release."""
-    app = request.app
-    _check_rate(request)
-    settings = app[SETTINGS]
-    body = await _read_json_body(request, settings.max_body_bytes, settings.read_timeout)
-    client = parse_user_agent(request.headers.get(hdrs.USER_AGENT))
-    report = parse_report(body, client, app[CODEC].loads, app[EXTRA_KEYS], settings.extra_max_bytes)
-    await app[INGEST].submit(report)
-    answer = app[CATALOG].answer(report.product, report.version, report.os, report.arch)
-    return web.Response(body=answer, content_type="application/json")
+async def post_version(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/version``: store the report, then answer with the latest release.
+
+    The hot path: it turns its own errors into answers (see ``http_errors``) rather than
+    being wrapped, and reads everything it needs from one :class:`Intake`.
+    """
+    try:
+        intake = request.app[INTAKE]
+        _check_rate(request, intake)
+        body = _body_if_complete(request, intake.max_body_bytes)
+        if body is None:
+            body = await _read_body(request, intake.max_body_bytes, intake.read_timeout)
+        client = parse_user_agent(request.headers.get(hdrs.USER_AGENT))
+        report = parse_report(body, client, intake.loads, intake.extra_keys, intake.extra_max_bytes)
+        await intake.ingest.submit(report)
+        answer = intake.catalog.answer(report.product, report.version, report.os, report.arch)
+        return web.Response(body=answer, content_type="application/json")
+    except Exception as exc:  # noqa: BLE001 (error_answer logs the unexpected ones)
+        return error_answer(request, exc)
+
+
+# Handlers that turn their own errors into JSON answers; ``routes`` wraps all the others.
+SELF_ANSWERING_ERRORS = frozenset({post_version})
 
 
 async def get_latest_release(request: web.Request) -> web.Response:
     """``GET /repos/{owner}/{repo}/releases/latest`` in GitHub's shape (OPA >= 1.7)."""
-    _check_rate(request)
+    intake = request.app[INTAKE]
+    _check_rate(request, intake)
     product = _repo_product(request)
-    release = request.app[CATALOG].catalog.latest(product)
+    release = intake.catalog.catalog.latest(product)
     if release is None:
         raise NotFoundError("Not Found", [f"no release known for product {product!r}"])
-    await request.app[INGEST].submit(product)
+    await intake.ingest.submit(product)
     return _json(request, _github_release(request, release))
 
 
@@ -66,12 +80,12 @@ async def get_readiness(request: web.Request) -> web.Response:
     return _json(request, {"status": "ready", "pending": ingest.pending + ingest.writing})
 
 
-def _check_rate(request: web.Request) -> None:
+def _check_rate(request: web.Request, intake: Intake) -> None:
     """Raise :class:`RateLimitedError` when this client's address is over its rate."""
-    limiter = request.app.get(LIMITER)
+    limiter = intake.limiter
     if limiter is None:
         return
-    header = request.app[SETTINGS].trusted_proxy_header
+    header = intake.trusted_proxy_header
     address = None
     if header:  # only when the operator said a proxy in front sets it
         forwarded = request.headers.get(header, "")
@@ -82,18 +96,33 @@ def _check_rate(request: web.Request) -> None:
         raise RateLimitedError("too many requests from this address", math.ceil(wait))
 
 
-async def _read_json_body(request: web.Request, limit: int, timeout: float) -> bytes:
+def _body_if_complete(request: web.Request, limit: int) -> bytes | None:
+    """Check the body's type and size; return it if it has fully arrived, else ``None``.
+
+    The usual case (the body came in the same packets as the headers) is answered without
+    a coroutine: the bytes are already buffered.
+    """
     # The exact header OPA sends skips aiohttp's general Content-Type parser.
     raw_type = request.headers.get(hdrs.CONTENT_TYPE)
     if raw_type != "application/json" and request.content_type != "application/json":
         raise UnsupportedMediaTypeError(
             "Content-Type must be application/json", [f"got {request.content_type!r}"]
         )
-    if request.content_length is not None and request.content_length > limit:
-        # Refuse before reading a byte; a chunked body is capped by client_max_size instead.
+    length = request.content_length
+    if length is not None and length > limit:
+        # Refuse before reading a byte; a chunked body is capped as it is read.
         raise BodyTooLargeError(f"body is larger than {limit} bytes")
-    if request.content.is_eof():  # the usual case: the body came with the headers
-        return await request.read()
+    if not request.content.is_eof():
+        return None
+    body = request.content.read_nowait()
+    if len(body) > limit:
+        raise BodyTooLargeError(f"body is larger than {limit} bytes")
+    return body
+
+
+async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes:
+    """The rest of a body still arriving: within ``timeout`` and at most ``limit`` bytes
+    (``client_max_size`` is the same limit)."""
     try:
         async with asyncio.timeout(timeout):
             return await request.read()

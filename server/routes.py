@@ -18,14 +18,17 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
 
 
 def setup_routes(app: web.Application, prefix: str = "") -> None:
-    """Register every route, each wrapped by ``json_errors``, then 405 and 404 catch-alls so
-    that even unknown paths and methods are answered in the JSON error shape."""
+    """Register every route, each wrapped by ``json_errors`` unless it answers its own errors,
+    then 405 and 404 catch-alls so that even unknown paths and methods are answered in the
+    JSON error shape."""
     router = app.router
     for method, path, handler in ROUTES:
+        if handler not in handlers.SELF_ANSWERING_ERRORS:
+            handler = json_errors(handler)
         if method == "GET":
-            router.add_get(prefix + path, json_errors(handler))  # also answers HEAD
+            router.add_get(prefix + path, handler)  # also answers HEAD
         else:
-            router.add_route(method, prefix + path, json_errors(handler))
+            router.add_route(method, prefix + path, handler)
     for method, path, _ in ROUTES:
         allowed = ["GET", "HEAD"] if method == "GET" else [method]
         router.add_route("*", prefix + path, json_errors(method_not_allowed(allowed)))
