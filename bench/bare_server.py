@@ -4,6 +4,11 @@
 same size as the real server's answer; ``GET /repos/.../releases/latest`` answers a static
 object. No validation, no storage: the ceiling the real server is measured against, on the same
 event loop and JSON library, in the same number of processes (SO_REUSEPORT).
+
+``--await-batch`` adds only the skeleton of a durable acknowledgement, as the real server's
+ingest does it: each report request queues a future and waits; one writer task takes what is
+queued, makes one round trip to a worker thread that does nothing, and resolves the batch.
+Still no validation and no storage: it shows what waiting for a commit costs by itself.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import json
 import multiprocessing
 import signal
 import sys
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -33,7 +40,43 @@ def _std_dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def make_app(fast: bool) -> web.Application:
+class BatchWaiter:
+    """Futures resolved batch by batch after a no-op round trip to a thread (see above)."""
+
+    def __init__(self) -> None:
+        self._queue: deque[asyncio.Future[None]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._thread = ThreadPoolExecutor(1)
+
+    async def wait(self) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(future)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+        await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup = loop.create_future()
+                await self._wakeup
+                continue
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), 256))]
+            await loop.run_in_executor(self._thread, len, batch)  # the "commit"
+            for future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def context(self, app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(self.run())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self._thread.shutdown()
+
+
+def make_app(fast: bool, await_batch: bool = False) -> web.Application:
     loads: Callable[[bytes], Any] = json.loads
     dumps: Callable[[Any], bytes] = _std_dumps
     if fast:
@@ -43,8 +86,12 @@ def make_app(fast: bool) -> web.Application:
     answer = dumps(ANSWER)
     check = dumps({"tag_name": "v1.20.2", "html_url": ANSWER["latest"]["release_notes"]})
 
+    waiter = BatchWaiter() if await_batch else None
+
     async def post_version(request: web.Request) -> web.Response:
         loads(await request.read())
+        if waiter is not None:
+            await waiter.wait()
         return web.Response(body=answer, content_type="application/json")
 
     async def get_latest(request: web.Request) -> web.Response:
@@ -53,11 +100,13 @@ def make_app(fast: bool) -> web.Application:
     app = web.Application(client_max_size=8192)
     app.router.add_post("/v1/version", post_version)
     app.router.add_get("/repos/{owner}/{repo}/releases/latest", get_latest)
+    if waiter is not None:
+        app.cleanup_ctx.append(waiter.context)
     return app
 
 
-async def serve(host: str, port: int, fast: bool, reuse_port: bool) -> None:
-    runner = web.AppRunner(make_app(fast), access_log=None, handle_signals=False)
+async def serve(host: str, port: int, fast: bool, reuse_port: bool, await_batch: bool) -> None:
+    runner = web.AppRunner(make_app(fast, await_batch), access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
     stop = asyncio.Event()
@@ -67,13 +116,13 @@ async def serve(host: str, port: int, fast: bool, reuse_port: bool) -> None:
     await runner.cleanup()
 
 
-def run_worker(host: str, port: int, fast: bool, reuse_port: bool) -> None:
+def run_worker(host: str, port: int, fast: bool, reuse_port: bool, await_batch: bool) -> None:
     if fast:
         import uvloop
 
-        uvloop.run(serve(host, port, fast, reuse_port))
+        uvloop.run(serve(host, port, fast, reuse_port, await_batch))
     else:
-        asyncio.run(serve(host, port, fast, reuse_port))
+        asyncio.run(serve(host, port, fast, reuse_port, await_batch))
 
 
 def main() -> int:
@@ -82,12 +131,18 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--no-fast", dest="fast", action="store_false")
+    parser.add_argument(
+        "--await-batch",
+        action="store_true",
+        help="wait for a no-op batch commit before answering (see above)",
+    )
     args = parser.parse_args()
     if args.workers == 1:
-        run_worker(args.host, args.port, args.fast, False)
+        run_worker(args.host, args.port, args.fast, False, args.await_batch)
         return 0
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=run_worker, args=(args.host, args.port, args.fast, True))
+    worker_args = (args.host, args.port, args.fast, True, args.await_batch)
+    workers = [context.Process(target=run_worker, args=worker_args)
                for _ in range(args.workers)]  # fmt: skip
     for worker in workers:
         worker.start()

@@ -7,7 +7,10 @@ Every real run is checked: the reports stored (the sum of per-instance report co
 database shard) must equal the 200s the load received. The load tester waits for its last
 answers, so there the two are equal; ``wrk`` stops with one request per connection in flight,
 which the server may have committed uncounted, so there 200s <= stored <= 200s + connections.
-A last pair of rows shows per-request commit (``--batch-size 1``) against group commit.
+A last pair of rows shows per-request commit (``--batch-size 1``) against group commit, and
+the "skeleton" rows show the bare handler plus only a durable acknowledgement's waiting (no
+validation, no storage; ``bare_server.py --await-batch``) against the plain bare handler: the
+ceiling any server that answers after a commit reaches on this loop, before doing any work.
 Everything listens on 127.0.0.1 only, every load is bounded by ``--duration``, and every
 process started here is stopped here.
 """
@@ -81,9 +84,9 @@ def running(command: Sequence[str], port: int) -> Iterator[None]:
                 process.wait()
 
 
-def bare_command(port: int, workers: int) -> list[str]:
+def bare_command(port: int, workers: int, *extra: str) -> list[str]:
     return [sys.executable, str(HERE / "bare_server.py"), "--port", str(port),
-            "--workers", str(workers)]  # fmt: skip
+            "--workers", str(workers), *extra]  # fmt: skip
 
 
 def real_command(port: int, workers: int, db: Path, *extra: str) -> list[str]:
@@ -195,6 +198,12 @@ def main() -> int:
                                             f" acknowledged {real.ok}")  # fmt: skip
                         rows.append(row(tool, workers, connections, bare[tool, connections],
                                         real, stored))  # fmt: skip
+        skeleton: dict[tuple[str, int], Measure] = {}
+        port = free_port()
+        with running(bare_command(port, 1, "--await-batch"), port):
+            for tool, drive in tools:
+                for connections in args.connections:
+                    skeleton[tool, connections] = drive(port, connections, args.duration)
         per_request: dict[str, Measure] = {}
         for label, extra in (("group commit", ()), ("per-request commit", ("--batch-size", "1"))):
             db, port = Path(tmp) / f"commit-{len(per_request)}.db", free_port()
@@ -202,12 +211,16 @@ def main() -> int:
                 per_request[label] = loadtest(port, 64, args.duration)
     print_table(rows, tools)
     print_summary(rows, per_request, args)
+    print_skeleton(rows, skeleton)
     for problem in problems:
         print(f"STORED CHECK FAILED: {problem}")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": machine(), "rows": rows,
-             "commit": {k: vars(v) for k, v in per_request.items()}}, indent=1) + "\n")  # fmt: skip
+             "commit": {k: vars(v) for k, v in per_request.items()},
+             "skeleton": [{"tool": tool, "connections": connections, **vars(measure)}
+                          for (tool, connections), measure in skeleton.items()]},
+            indent=1) + "\n")  # fmt: skip
     return 1 if problems else 0
 
 
@@ -252,6 +265,18 @@ def print_summary(rows: list[dict[str, Any]], commit: dict[str, Measure],
     )
     print("\ntargets (same run): real/bare >= 0.9 at 64 and 256 connections, p99 <= 2x bare,"
           " 2 workers >= 1.5x 1 worker")  # fmt: skip
+
+
+def print_skeleton(rows: list[dict[str, Any]], skeleton: dict[tuple[str, int], Measure]) -> None:
+    print("\nskeleton of a durable answer (bare handler + batch wait, no validation, no storage),"
+          " 1 worker:")  # fmt: skip
+    by = {(r["tool"], r["connections"]): r for r in rows if r["workers"] == 1}
+    for (tool, connections), measure in skeleton.items():
+        r = by.get((tool, connections))
+        if r:
+            print(f"{tool:<9} c{connections:<4} skeleton {measure.rps:,.0f} req/s"
+                  f" ({measure.rps / r['bare']['rps']:.2f} of bare, p99 {measure.p99:.2f} ms),"
+                  f" real {r['ratio']:.2f} of bare")  # fmt: skip
 
 
 if __name__ == "__main__":
