@@ -36,14 +36,16 @@ MIN_SQLITE = (3, 38, 0)
 _rows_json = json_codec(fast=True).dumps
 
 # A whole batch is one statement over a JSON array of rows: SQLite parses and upserts it in C
-# with the GIL released once, instead of being re-entered from Python for every row.
+# with the GIL released once, instead of being re-entered from Python for every row. What is
+# the same for the whole batch (the day, the time) is a parameter, not a field of every row:
+# each field read from the JSON costs the writer about 0.4 µs per row.
 # ("WHERE true" resolves the parsing ambiguity of INSERT ... SELECT ... ON CONFLICT.)
 UPSERT_REPORTS_SQL = """
 INSERT INTO reports (product, day, instance_id, first_seen_at, last_seen_at, report_count,
                      version, os, arch, heap_usage_bytes, min_compatible_version, extra)
-SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 3, 1,
-       value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9
-FROM json_each(?) WHERE true
+SELECT value ->> 0, :day, value ->> 1, :seconds, :seconds, 1,
+       value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7
+FROM json_each(:rows) WHERE true
 ON CONFLICT (product, day, instance_id) DO UPDATE SET
     last_seen_at = excluded.last_seen_at,
     report_count = report_count + 1,
@@ -57,7 +59,7 @@ ON CONFLICT (product, day, instance_id) DO UPDATE SET
 
 COUNT_CHECKS_SQL = """
 INSERT INTO version_checks (product, day, check_count)
-SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?) WHERE true
+SELECT value ->> 0, :day, value ->> 1 FROM json_each(:rows) WHERE true
 ON CONFLICT (product, day) DO UPDATE SET check_count = check_count + excluded.check_count
 """
 
@@ -264,26 +266,29 @@ class Storage:
         Raises :class:`StorageUnavailableError` when the transaction cannot commit.
         """
         day, seconds = utc_day(now), int(now)
-        statements: list[tuple[str, str]] = []
+        statements: list[tuple[str, dict[str, str | int]]] = []
         if reports:
             rows = [
-                (r.product, day, r.instance_id, seconds, r.version.text, r.os, r.arch,
-                 r.heap_usage_bytes, r.min_compatible_version, r.extra)
+                (r.product, r.instance_id, r.version.text, r.os, r.arch, r.heap_usage_bytes,
+                 r.min_compatible_version, r.extra)
                 for r in reports
             ]  # fmt: skip
-            statements.append((UPSERT_REPORTS_SQL, _rows_json(rows).decode()))
+            rows_json = _rows_json(rows).decode()
+            statements.append(
+                (UPSERT_REPORTS_SQL, {"rows": rows_json, "day": day, "seconds": seconds})
+            )
         counts = Counter(checks)
         if counts:
-            totals = [(product, day, n) for product, n in counts.items()]
-            statements.append((COUNT_CHECKS_SQL, _rows_json(totals).decode()))
+            totals = _rows_json(list(counts.items())).decode()
+            statements.append((COUNT_CHECKS_SQL, {"rows": totals, "day": day}))
         try:
             if len(statements) == 1:  # the common case: one statement is one transaction
-                await self._conn.execute(statements[0][0], (statements[0][1],))
+                await self._conn.execute(*statements[0])
                 return
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
-                for sql, rows_json in statements:
-                    await self._conn.execute(sql, (rows_json,))
+                for sql, parameters in statements:
+                    await self._conn.execute(sql, parameters)
                 await self._conn.execute("COMMIT")
             except BaseException:
                 await self._rollback()
