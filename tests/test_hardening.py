@@ -60,6 +60,63 @@ async def test_client_trickling_its_body_gets_408(
     assert head.startswith(b"HTTP/1.1 408")
 
 
+async def raw_exchange(server: Any, *parts: bytes, pause: float = 0.0) -> bytes:
+    """Send ``parts`` over one raw connection (``pause`` seconds apart); the answer's bytes."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    for index, part in enumerate(parts):
+        if index and pause:
+            await asyncio.sleep(pause)
+        writer.write(part)
+        await writer.drain()
+    async with asyncio.timeout(5):  # hang guard
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+        body = await reader.readexactly(length)
+    writer.close()
+    await writer.wait_closed()
+    return head + body
+
+
+def chunked(payload: bytes) -> bytes:
+    return f"{len(payload):x}\r\n".encode() + payload + b"\r\n0\r\n\r\n"
+
+
+POST_HEAD = (
+    b"POST /v1/version HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"User-Agent: " + OPA_UA.encode() + b"\r\n"
+)
+
+
+async def test_bodies_are_read_whether_they_come_with_the_headers_or_later(
+    aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    server = await start(aiohttp_server, tmp_path, read_timeout=5)
+    body = json.dumps(report_body()).encode()
+    sized = POST_HEAD + b"Content-Length: %d\r\n\r\n" % len(body)
+    chunk_head = POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+    # In one write (the buffered path), and the body 0.2 s after its headers (the waiting path).
+    for parts in ([sized + body], [sized, body], [chunk_head + chunked(body)],
+                  [chunk_head, chunked(body)]):  # fmt: skip
+        answer = await raw_exchange(server, *parts, pause=0.2)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    with sqlite3.connect(tmp_path / "telemetry.db") as conn:
+        assert conn.execute("SELECT report_count FROM reports").fetchall() == [(4,)]
+
+
+async def test_a_chunked_body_over_the_limit_gets_413_even_when_complete(
+    aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    server = await start(aiohttp_server, tmp_path, max_body_bytes=1024)
+    body = json.dumps(report_body(padding="x" * 2000)).encode()
+    for parts in ([POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body)],
+                  [POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n", chunked(body)]):  # fmt: skip
+        answer = await raw_exchange(server, *parts, pause=0.2)
+        assert answer.startswith(b"HTTP/1.1 413"), answer
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    with sqlite3.connect(tmp_path / "telemetry.db") as conn:
+        assert conn.execute("SELECT count(*) FROM reports").fetchone() == (0,)
+
+
 async def test_oversized_headers_are_refused(aiohttp_server: AiohttpServer, tmp_path: Path) -> None:
     server = await start(aiohttp_server, tmp_path)
     async with TestClient(server) as client:
