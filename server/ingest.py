@@ -51,11 +51,13 @@ class Ingest:
     def pending(self) -> int:
         return len(self._queue)
 
-    async def submit(self, item: Report | str) -> None:
-        """Queue a report (or a product name, for one version check) and wait for its commit.
+    def submit(self, item: Report | str) -> asyncio.Future[None]:
+        """Queue a report (or a product name, for one version check); await the returned
+        future for its commit. A plain method, not a coroutine: one frame less per request.
 
-        Raises :class:`OverloadedError` when the queue is full, :class:`ShuttingDownError`
-        once :meth:`stop` has begun, :class:`StorageUnavailableError` when the commit failed.
+        Raises :class:`OverloadedError` at once when the queue is full and
+        :class:`ShuttingDownError` once :meth:`stop` has begun; the future raises
+        :class:`StorageUnavailableError` when the commit failed.
         """
         if not self._accepting:
             raise ShuttingDownError("server is shutting down", self._retry_after)
@@ -66,7 +68,7 @@ class Ingest:
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
-        await future
+        return future
 
     async def run(self) -> None:
         """Commit the queue batch by batch; after :meth:`stop`, return once it is empty.
