@@ -3,6 +3,9 @@
 For 1 and 2 worker processes and 16, 64 and 256 connections, the same load (the project's load
 tester and, when installed, ``wrk``) is driven at (a) ``bench/bare_server.py`` and (b) the real
 server on a fresh database, and the table prints throughput, p50/p99 and the real/bare ratios.
+The servers run at the same time and each row's loads alternate between them, so that drift
+in a shared machine's speed hits both sides of a ratio alike; ``--repeat N`` measures each
+row N times per server (rotating which goes first) and shows the medians.
 Every real run is checked: the reports stored (the sum of per-instance report counts over every
 database shard) must equal the 200s the load received. The load tester waits for its last
 answers, so there the two are equal; ``wrk`` stops with one request per connection in flight,
@@ -27,11 +30,12 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +137,46 @@ def wrk(port: int, connections: int, duration: float) -> Measure:
     return Measure(rps, latency("50"), latency("99"), total - failed, connections)
 
 
+def measure_row(
+    ports: dict[str, int],
+    names: list[str],
+    drive: Callable[[int, int, float], Measure],
+    connections: int,
+    args: argparse.Namespace,
+    db: Path,
+    label: str,
+    problems: list[str],
+) -> tuple[dict[str, Measure], int]:
+    """Load each named server ``args.repeat`` times, alternating; the medians per server and
+    the reports the real server stored. Appends to ``problems`` if stored != acknowledged."""
+    samples: dict[str, list[Measure]] = {name: [] for name in names}
+    stored = 0
+    for repeat in range(args.repeat):
+        turn = repeat % len(names)  # rotated, so that no server always goes first
+        for name in names[turn:] + names[:turn]:
+            before = stored_reports(db) if name == "real" else 0
+            measure = drive(ports[name], connections, args.duration)
+            samples[name].append(measure)
+            if name == "real":
+                time.sleep(0.2)  # let the answers' transactions be visible to a reader
+                got = stored_reports(db) - before
+                stored += got
+                if not measure.ok <= got <= measure.ok + measure.in_flight_at_end:
+                    problems.append(f"{label}: stored {got}, acknowledged {measure.ok}")
+    return {name: median(runs) for name, runs in samples.items()}, stored
+
+
+def median(measures: Sequence[Measure]) -> Measure:
+    """Medians of the rates and latencies of repeated loads; totals of their counts."""
+    return Measure(
+        statistics.median(m.rps for m in measures),
+        statistics.median(m.p50 for m in measures),
+        statistics.median(m.p99 for m in measures),
+        sum(m.ok for m in measures),
+        sum(m.in_flight_at_end for m in measures),
+    )
+
+
 def stored_reports(db: Path) -> int:
     """The sum of report counts over the main database and every worker shard."""
     total = 0
@@ -166,44 +210,45 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load (5)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--connections", type=int, nargs="+", default=list(CONNECTIONS))
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="loads per row and server, alternated; medians are shown (1)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
     args = parser.parse_args()
     if not 0 < args.duration <= 120:
         parser.error("--duration must be in (0, 120]")
+    if not 1 <= args.repeat <= 9:
+        parser.error("--repeat must be in [1, 9]")
     tools = [("loadtest", loadtest)] + ([("wrk", wrk)] if shutil.which("wrk") else [])
     print(f"machine: {machine()}")
     if not shutil.which("wrk"):
         print("wrk not found: only the load tester drives the load (apt-get install wrk)")
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
+    skeleton: dict[tuple[str, int], Measure] = {}
     with tempfile.TemporaryDirectory(prefix="opa-telemetry-bench-") as tmp:
         for workers in args.workers:
-            port = free_port()
-            bare: dict[tuple[str, int], Measure] = {}
-            with running(bare_command(port, workers), port):
-                for tool, drive in tools:
-                    for connections in args.connections:
-                        bare[tool, connections] = drive(port, connections, args.duration)
             db = Path(tmp) / f"real-{workers}.db"
-            port = free_port()
-            with running(real_command(port, workers, db), port):
+            ports = {"bare": free_port(), "real": free_port(), "skeleton": free_port()}
+            commands = {"bare": bare_command(ports["bare"], workers),
+                        "real": real_command(ports["real"], workers, db)}  # fmt: skip
+            if workers == 1:
+                commands["skeleton"] = bare_command(ports["skeleton"], 1, "--await-batch")
+            with contextlib.ExitStack() as servers:
+                for name, command in commands.items():  # all up at once; an idle one costs nothing
+                    servers.enter_context(running(command, ports[name]))
                 for tool, drive in tools:
                     for connections in args.connections:
-                        before = stored_reports(db)
-                        real = drive(port, connections, args.duration)
-                        time.sleep(0.2)  # let the answers' transactions be visible to a reader
-                        stored = stored_reports(db) - before
-                        if not real.ok <= stored <= real.ok + real.in_flight_at_end:
-                            problems.append(f"{tool} w{workers} c{connections}: stored {stored},"
-                                            f" acknowledged {real.ok}")  # fmt: skip
-                        rows.append(row(tool, workers, connections, bare[tool, connections],
-                                        real, stored))  # fmt: skip
-        skeleton: dict[tuple[str, int], Measure] = {}
-        port = free_port()
-        with running(bare_command(port, 1, "--await-batch"), port):
-            for tool, drive in tools:
-                for connections in args.connections:
-                    skeleton[tool, connections] = drive(port, connections, args.duration)
+                        label = f"{tool} w{workers} c{connections}"
+                        medians, stored = measure_row(ports, list(commands), drive, connections,
+                                                      args, db, label, problems)  # fmt: skip
+                        rows.append(row(tool, workers, connections, medians["bare"],
+                                        medians["real"], stored))  # fmt: skip
+                        if "skeleton" in medians:
+                            skeleton[tool, connections] = medians["skeleton"]
         per_request: dict[str, Measure] = {}
         for label, extra in (("group commit", ()), ("per-request commit", ("--batch-size", "1"))):
             db, port = Path(tmp) / f"commit-{len(per_request)}.db", free_port()
