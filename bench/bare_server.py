@@ -5,10 +5,11 @@ same size as the real server's answer; ``GET /repos/.../releases/latest`` answer
 object. No validation, no storage: the ceiling the real server is measured against, on the same
 event loop and JSON library, in the same number of processes (SO_REUSEPORT).
 
-``--await-batch`` adds only the skeleton of a durable acknowledgement, as the real server's
-ingest does it: each report request queues a future and waits; one writer task takes what is
-queued, makes one round trip to a worker thread that does nothing, and resolves the batch.
-Still no validation and no storage: it shows what waiting for a commit costs by itself.
+``--await-batch`` adds only the skeleton of a durable acknowledgement: each report request goes
+through the real server's ingest queue (``opa_telemetry_server.ingest.Ingest``: queue a future,
+wait; one writer task takes what is queued and resolves the batch), whose "commit" is one round
+trip to a worker thread that does nothing. Still no validation and no storage: it shows what
+waiting for a commit costs by itself.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import json
 import multiprocessing
 import signal
 import sys
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
+
+from opa_telemetry_server.ingest import Ingest
+from opa_telemetry_server.storage import Storage
 
 ANSWER = {
     "latest": {
@@ -40,40 +43,32 @@ def _std_dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-class BatchWaiter:
-    """Futures resolved batch by batch after a no-op round trip to a thread (see above)."""
+class NoopStorage:
+    """Stands in for the database under the project's own ingest queue: each batch makes one
+    round trip to a thread that does nothing, where the real server's runs SQL."""
 
     def __init__(self) -> None:
-        self._queue: deque[asyncio.Future[None]] = deque()
-        self._wakeup: asyncio.Future[None] | None = None
         self._thread = ThreadPoolExecutor(1)
 
-    async def wait(self) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append(future)
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-        await future
+    async def write_batch(self, reports: Sequence[Any], checks: Iterable[str], now: float) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, len, reports)
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._wakeup = loop.create_future()
-                await self._wakeup
-                continue
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), 256))]
-            await loop.run_in_executor(self._thread, len, batch)  # the "commit"
-            for future in batch:
-                if not future.done():
-                    future.set_result(None)
-
-    async def context(self, app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(self.run())
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    def close(self) -> None:
         self._thread.shutdown()
+
+
+INGEST = web.AppKey("ingest", Ingest)
+
+
+async def skeleton_ingest(app: web.Application) -> AsyncIterator[None]:
+    """The real server's :class:`Ingest` (queue, batching, wake-ups) over :class:`NoopStorage`."""
+    storage = NoopStorage()
+    app[INGEST] = ingest = Ingest(cast(Storage, storage), queue_size=10000, batch_size=1024)
+    writer = asyncio.create_task(ingest.run())
+    yield
+    await ingest.stop()
+    await writer
+    storage.close()
 
 
 def make_app(fast: bool, await_batch: bool = False) -> web.Application:
@@ -86,12 +81,10 @@ def make_app(fast: bool, await_batch: bool = False) -> web.Application:
     answer = dumps(ANSWER)
     check = dumps({"tag_name": "v1.20.2", "html_url": ANSWER["latest"]["release_notes"]})
 
-    waiter = BatchWaiter() if await_batch else None
-
     async def post_version(request: web.Request) -> web.Response:
         loads(await request.read())
-        if waiter is not None:
-            await waiter.wait()
+        if await_batch:
+            await request.app[INGEST].submit("opa")
         return web.Response(body=answer, content_type="application/json")
 
     async def get_latest(request: web.Request) -> web.Response:
@@ -100,8 +93,8 @@ def make_app(fast: bool, await_batch: bool = False) -> web.Application:
     app = web.Application(client_max_size=8192)
     app.router.add_post("/v1/version", post_version)
     app.router.add_get("/repos/{owner}/{repo}/releases/latest", get_latest)
-    if waiter is not None:
-        app.cleanup_ctx.append(waiter.context)
+    if await_batch:
+        app.cleanup_ctx.append(skeleton_ingest)
     return app
 
 
