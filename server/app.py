@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .appkeys import CATALOG, CODEC, INGEST, INTAKE, REPOS, SETTINGS, STORAGE, Intake
+from .appkeys import CODEC, INTAKE, REPOS, SETTINGS, STORAGE, Intake
 from .catalog import CatalogCache
 from .codec import json_codec
 from .http_errors import install_address_redaction
@@ -110,7 +110,7 @@ async def _databases(app: web.Application, worker: int) -> AsyncIterator[None]:
             batch_size=settings.batch_size,
             retry_after=settings.retry_after,
         )
-        app[STORAGE], app[CATALOG], app[INGEST] = main, cache, ingest
+        app[STORAGE] = main
         app[INTAKE] = Intake(
             ingest=ingest,
             catalog=cache,

@@ -19,14 +19,12 @@ SETTINGS = web.AppKey("settings", Settings)
 CODEC = web.AppKey("codec", JsonCodec)
 REPOS = web.AppKey("repos", dict[str, str])
 STORAGE = web.AppKey("storage", Storage)
-INGEST = web.AppKey("ingest", Ingest)
-CATALOG = web.AppKey("catalog", CatalogCache)
 
 
 @dataclass(frozen=True, slots=True)
 class Intake:
-    """What the report endpoints need on every request, gathered once when the app starts:
-    one application lookup per request instead of one per setting."""
+    """What the request handlers need from the running app, gathered once when it starts:
+    one application lookup per request instead of one per setting or service."""
 
     ingest: Ingest
     catalog: CatalogCache

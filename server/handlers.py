@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from .appkeys import CATALOG, CODEC, INGEST, INTAKE, REPOS, SETTINGS, STORAGE, Intake
+from .appkeys import CODEC, INTAKE, REPOS, SETTINGS, STORAGE, Intake
 from .errors import (
     BodyTooLargeError,
     NotFoundError,
@@ -62,7 +62,7 @@ async def get_release_assets(request: web.Request) -> web.Response:
     """``GET /repos/{owner}/{repo}/releases/{id}/assets``: the ``assets_url`` of a release."""
     product = _repo_product(request)
     release_id = int(request.match_info["release_id"])
-    for release in request.app[CATALOG].catalog.releases(product):
+    for release in request.app[INTAKE].catalog.catalog.releases(product):
         if release.id == release_id:
             return _json(request, _github_assets(release))
     raise NotFoundError("Not Found", [f"no release {release_id} for product {product!r}"])
@@ -76,7 +76,7 @@ async def get_health(request: web.Request) -> web.Response:
 async def get_readiness(request: web.Request) -> web.Response:
     """``GET /readyz``: the database answers (503 otherwise)."""
     await request.app[STORAGE].ping()
-    ingest = request.app[INGEST]
+    ingest = request.app[INTAKE].ingest
     return _json(request, {"status": "ready", "pending": ingest.pending + ingest.writing})
 
 

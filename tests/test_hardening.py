@@ -314,10 +314,10 @@ async def test_overload_answers_503_at_once_keeps_health_and_recovers(
     import aiohttp
 
     from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
-    from opa_telemetry_server.appkeys import INGEST
+    from opa_telemetry_server.appkeys import INTAKE
 
     server = await start(aiohttp_server, tmp_path, queue_size=50, busy_timeout=30.0)
-    ingest = server.app[INGEST]
+    ingest = server.app[INTAKE].ingest
     url = str(server.make_url("")).rstrip("/")
     blocker = sqlite3.connect(tmp_path / "telemetry.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # capacity drops to zero: nothing can commit

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from opa_telemetry_server.app import create_app
-from opa_telemetry_server.appkeys import INGEST
+from opa_telemetry_server.appkeys import INTAKE
 from opa_telemetry_server.settings import Settings
 
 from .conftest import INSTANCE_ID, OPA_UA, AiohttpClient, make_settings, report_body
@@ -254,7 +254,7 @@ async def test_concurrent_reports_are_group_committed(
     responses = await asyncio.gather(*(post(client, report_body(id=i)) for i in ids))
     assert {r.status for r in responses} == {200}
     assert stored(settings, "SELECT count(*), sum(report_count) FROM reports") == [(200, 200)]
-    ingest = client.app[INGEST]
+    ingest = client.app[INTAKE].ingest
     assert ingest.committed == 200 and ingest.batches < 200
 
 
@@ -268,7 +268,7 @@ async def test_full_queue_answers_503_at_once_and_recovers(
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     try:
         # The writer takes the first report and waits for the lock; two more fill the queue.
-        ingest = client.app[INGEST]
+        ingest = client.app[INTAKE].ingest
         waiting = [asyncio.ensure_future(post(client, report_body(id=ids[0])))]
         async with asyncio.timeout(10):  # hang guard
             while ingest.writing < 1:
