@@ -211,6 +211,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--connections", type=int, nargs="+", default=list(CONNECTIONS))
     parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flag for the real server, e.g. --server-arg=--synchronous=normal",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -224,6 +231,8 @@ def main() -> int:
         parser.error("--repeat must be in [1, 9]")
     tools = [("loadtest", loadtest)] + ([("wrk", wrk)] if shutil.which("wrk") else [])
     print(f"machine: {machine()}")
+    if args.server_arg:
+        print(f"real server flags added: {' '.join(args.server_arg)}")
     if not shutil.which("wrk"):
         print("wrk not found: only the load tester drives the load (apt-get install wrk)")
     rows: list[dict[str, Any]] = []
@@ -233,8 +242,8 @@ def main() -> int:
         for workers in args.workers:
             db = Path(tmp) / f"real-{workers}.db"
             ports = {"bare": free_port(), "real": free_port(), "skeleton": free_port()}
-            commands = {"bare": bare_command(ports["bare"], workers),
-                        "real": real_command(ports["real"], workers, db)}  # fmt: skip
+            real = real_command(ports["real"], workers, db, *args.server_arg)
+            commands = {"bare": bare_command(ports["bare"], workers), "real": real}
             if workers == 1:
                 commands["skeleton"] = bare_command(ports["skeleton"], 1, "--await-batch")
             with contextlib.ExitStack() as servers:
@@ -252,7 +261,7 @@ def main() -> int:
         per_request: dict[str, Measure] = {}
         for label, extra in (("group commit", ()), ("per-request commit", ("--batch-size", "1"))):
             db, port = Path(tmp) / f"commit-{len(per_request)}.db", free_port()
-            with running(real_command(port, 1, db, *extra), port):
+            with running(real_command(port, 1, db, *args.server_arg, *extra), port):
                 per_request[label] = loadtest(port, 64, args.duration)
     print_table(rows, tools)
     print_summary(rows, per_request, args)
