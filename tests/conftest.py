@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,22 @@ def ready_url(line: str | bytes) -> str:
     match = LISTENING.search(text)
     assert match, f"the server did not report ready: {text!r}"
     return match.group(1)
+
+
+@contextlib.contextmanager
+def serving(argv: list[str]) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Run a ``serve`` command until it prints its ready line; the base URL and the process.
+    On exit the process is killed if still running, and always reaped."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        yield ready_url(process.stdout.readline()), process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+        if process.stdout:
+            process.stdout.close()
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

@@ -22,7 +22,7 @@ from opa_telemetry_server.cli import build_parser, main, settings_from_args
 from opa_telemetry_server.releases import bundled_releases
 from opa_telemetry_server.storage import Storage
 
-from .conftest import RECORDED_REQUEST, REPO, ready_url, serve_argv
+from .conftest import RECORDED_REQUEST, REPO, ready_url, serve_argv, serving
 
 
 def make_db(path: Path, seed: bool = True) -> str:
@@ -134,18 +134,8 @@ def test_serve_rejects_invalid_settings(capsys: pytest.CaptureFixture[str]) -> N
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """A real ``python -m opa_telemetry_server serve`` process on a free port."""
-    process = subprocess.Popen(
-        serve_argv(tmp_path / "served.db"), stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stdout is not None
-        yield ready_url(process.stdout.readline()), process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-        if process.stdout:
-            process.stdout.close()
+    with serving(serve_argv(tmp_path / "served.db")) as started:
+        yield started
 
 
 def test_served_process_answers_client_cli_and_exits_cleanly_on_sigterm(

@@ -19,7 +19,7 @@ from opa_telemetry_server.protocol import Report
 from opa_telemetry_server.storage import Storage, existing_shards, shard_path
 from opa_telemetry_server.versions import parse_version
 
-from .conftest import INSTANCE_ID, AiohttpClient, make_settings, ready_url, report_body, serve_argv
+from .conftest import INSTANCE_ID, AiohttpClient, make_settings, report_body, serve_argv, serving
 
 DAY = 1_790_000_000.0  # 2026-09-21 UTC
 
@@ -96,16 +96,8 @@ async def _stats(db: str) -> dict[str, object]:
 @pytest.fixture
 def two_workers(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], Path]]:
     db = tmp_path / "w.db"
-    process = subprocess.Popen(serve_argv(db, "--workers", "2"), stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        yield ready_url(process.stdout.readline()), process, db
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
-        if process.stdout:
-            process.stdout.close()
+    with serving(serve_argv(db, "--workers", "2")) as (url, process):
+        yield url, process, db
 
 
 def worker_pids(pid: int) -> list[int]:
