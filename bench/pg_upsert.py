@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.pgcluster import running_cluster  # noqa: E402 - after the path is set
+from tests.pgcluster import running_cluster
 
 SCHEMA_SQL = """
 CREATE TABLE reports (
@@ -104,7 +104,9 @@ def make_batches(count: int, size: int) -> list[list[Row]]:
         ids = [str(uuid.uuid4()) for _ in range(size // 2)]
         ids += seen[-(size - len(ids)) :] if number else [str(uuid.uuid4()) for _ in ids]
         seen.extend(ids[: size // 2])
-        batch = [("opa", i, 1, "1.20.2", "linux", "amd64", 2_106_336, None, None) for i in ids]
+        batch: list[Row] = [
+            ("opa", i, 1, "1.20.2", "linux", "amd64", 2_106_336, None, None) for i in ids
+        ]
         batches.append(sorted(batch, key=lambda row: (row[0], row[1])))
     return batches
 
@@ -115,9 +117,7 @@ async def by_unnest(conn: asyncpg.Connection, day: Any, at: int, rows: Sequence[
         await conn.execute(UNNEST_SQL, day, at, *map(list, columns))
 
 
-async def by_executemany(
-    conn: asyncpg.Connection, day: Any, at: int, rows: Sequence[Row]
-) -> None:
+async def by_executemany(conn: asyncpg.Connection, day: Any, at: int, rows: Sequence[Row]) -> None:
     async with conn.transaction():
         await conn.executemany(ONE_ROW_SQL, [(day, at, *row) for row in rows])
 
@@ -156,7 +156,8 @@ async def measure(dsn: str, batches: list[list[Row]]) -> None:
                 cpu[name] += time.process_time() - cpu_started
         reports = sum(len(b) for b in batches)
         print(f"{len(batches)} batches of {len(batches[0])} reports, rotated; per batch:")
-        print(f"{'way':<12} {'median ms':>10} {'p90 ms':>8} {'reports/s':>10} {'client µs/report':>17}")
+        header = ("way", "median ms", "p90 ms", "reports/s", "client µs/report")
+        print("{:<12} {:>10} {:>8} {:>10} {:>17}".format(*header))
         for name, values in timings.items():
             ordered = sorted(values)
             median = statistics.median(ordered)

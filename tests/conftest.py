@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -165,3 +166,25 @@ async def fake_service(aiohttp_server: AiohttpServer) -> FakeService:
     server = await aiohttp_server(app, host="127.0.0.1")
     service.url = str(server.make_url("")).rstrip("/")
     return service
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Any]:
+    """A private PostgreSQL cluster for the whole test session (see ``tests/pgcluster.py``):
+    skipped with the reason where PostgreSQL is missing, a failure where CI requires it."""
+    from . import pgcluster
+
+    reason = pgcluster.unavailable_reason()
+    if reason:
+        if os.environ.get(pgcluster.REQUIRE_ENV) == "1":
+            pytest.fail(f"{pgcluster.REQUIRE_ENV}=1 but {reason}")
+        pytest.skip(reason)
+    with pgcluster.running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_dsn(postgres_cluster: Any) -> str:
+    """A fresh, empty database on the session's cluster (with its password in the DSN)."""
+    dsn: str = postgres_cluster.create_database()
+    return dsn

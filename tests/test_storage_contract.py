@@ -1,0 +1,236 @@
+"""One contract, two backends: everything the SQLite storage promises, PostgreSQL promises too.
+
+Each test runs against a fresh SQLite file and a fresh database on the session's private
+PostgreSQL cluster (``tests/pgcluster.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opa_telemetry_server.errors import CatalogError, SchemaError
+from opa_telemetry_server.postgres import PostgresStorage, redact_dsn
+from opa_telemetry_server.protocol import Report
+from opa_telemetry_server.releases import Release, release_from_mapping
+from opa_telemetry_server.storage import Storage
+from opa_telemetry_server.versions import parse_version
+
+from .pgcluster import PASSWORD
+
+IDS = [f"00000000-0000-4000-8000-{n:012d}" for n in range(10)]
+
+
+def at(day: str, hour: int = 12) -> float:
+    """A Unix time on ``day`` (UTC): the storage takes the report's day from it."""
+    y, m, d = map(int, day.split("-"))
+    return float(calendar.timegm((y, m, d, hour, 0, 0)))
+
+
+def report(instance: str, version: str = "1.5.1", heap: int | None = 1000, **kw: Any) -> Report:
+    values: dict[str, Any] = {"os": "linux", "arch": "amd64", "product": "opa", **kw}
+    return Report(
+        values["product"], instance, parse_version(version), values["os"], values["arch"],
+        heap, None, None,
+    )  # fmt: skip
+
+
+def release(tag: str, **kw: Any) -> Release:
+    return release_from_mapping({"tag": tag, "assets": ["opa_linux_amd64"], **kw})
+
+
+TARGETS: dict[int, str] = {}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    if request.param == "sqlite":
+        target = str(tmp_path / "t.db")
+        storage: Any = await Storage.open(target)
+    else:
+        target = request.getfixturevalue("postgres_dsn")
+        storage = await PostgresStorage.open(target)
+    TARGETS[id(storage)] = target  # for tests that reopen it
+    yield storage
+    await storage.close()
+
+
+async def reopen(storage: Any, **kw: Any) -> Any:
+    if isinstance(storage, PostgresStorage):
+        return await PostgresStorage.open(TARGETS[id(storage)], **kw)
+    return await Storage.open(TARGETS[id(storage)], **kw)
+
+
+async def test_reports_are_upserted_per_product_day_and_instance(backend: Any) -> None:
+    day = "2026-11-30"
+    # The same instance twice in one batch and again in the next: one row, three reports,
+    # the latest version.
+    await backend.write_batch(
+        [report(IDS[0], "1.5.0"), report(IDS[0], "1.5.1"), report(IDS[1])], [], at(day, 1)
+    )
+    await backend.write_batch([report(IDS[0], "1.6.0")], [], at(day, 2))
+    await backend.write_batch([report(IDS[0], "1.6.0")], [], at("2026-12-01", 2))
+    stats = await backend.stats("opa", day)
+    assert (stats.instances, stats.reports) == (2, 5)
+    days = await backend.daily("opa", day)
+    assert [(d.day, d.instances, d.reports, d.source) for d in days] == [
+        (day, 2, 4, "raw"),
+        ("2026-12-01", 1, 1, "raw"),
+    ]
+    one_day = await backend.stats("opa", "2026-12-01")
+    assert [(v.version, v.instances, v.reports) for v in one_day.by_version] == [("1.6.0", 1, 1)]
+
+
+async def test_version_checks_are_counted_per_product_and_day(backend: Any) -> None:
+    await backend.write_batch([], ["opa", "opa", "other"], at("2026-11-30"))
+    await backend.write_batch([report(IDS[0])], ["opa"], at("2026-11-30"))
+    assert (await backend.stats("opa", "2026-11-30")).version_checks == 3
+    assert (await backend.stats("other", "2026-11-30")).version_checks == 1
+
+
+async def test_stats_group_by_version_newest_first_and_by_platform(backend: Any) -> None:
+    await backend.write_batch(
+        [
+            report(IDS[0], "1.10.0"),
+            report(IDS[1], "1.9.0", os="darwin", arch="arm64"),
+            report(IDS[2], "1.10.0-rc.1"),
+            report(IDS[3], "1.10.0", os=None, arch=None),
+            report(IDS[4], "2.0.0", product="myapp"),
+        ],
+        [],
+        at("2026-11-30"),
+    )
+    stats = await backend.stats("opa", "2026-11-01")
+    assert [(v.version, v.instances) for v in stats.by_version] == [
+        ("1.10.0", 2),
+        ("1.10.0-rc.1", 1),
+        ("1.9.0", 1),
+    ]
+    assert [(p.os, p.arch, p.instances) for p in stats.by_platform] == [
+        ("linux", "amd64", 2),
+        ("darwin", "arm64", 1),
+        ("unknown", "unknown", 1),
+    ]
+
+
+async def test_catalog_changes_bump_the_generation_and_round_trip(backend: Any) -> None:
+    generation = await backend.catalog_generation()
+    assert await backend.seed_catalog("opa", [release("v1.0.0"), release("v1.1.0")]) == 2
+    assert await backend.seed_catalog("opa", [release("v9.0.0")]) == 0  # once per lifetime
+    seeded = await backend.catalog_generation()
+    assert seeded != generation
+    await backend.add_release(
+        "opa",
+        release("v1.2.0", published="2026-11-01", release_notes="https://example.com/n"),
+    )
+    with pytest.raises(CatalogError, match="already in the catalog"):
+        await backend.add_release("opa", release("v1.2.0"))
+    await backend.add_release("opa", release("v1.2.0", prerelease=True), replace=True)
+    assert await backend.import_releases("opa", [release("v1.1.0"), release("v1.3.0")]) == (1, 0)
+    assert await backend.catalog_generation() != seeded
+    catalog = await backend.load_catalog()
+    assert [r.tag for r in catalog.releases("opa")] == ["v1.3.0", "v1.2.0", "v1.1.0", "v1.0.0"]
+    v120 = catalog.releases("opa")[1]
+    assert (v120.prerelease, v120.published, v120.assets) == (True, None, ("opa_linux_amd64",))
+    assert v120.id > 0
+    assert await backend.remove_release("opa", "v1.3.0") is True
+    assert await backend.remove_release("opa", "v1.3.0") is False
+    assert (await backend.load_catalog()).latest("opa") == catalog.releases("opa")[2]
+    before = await backend.catalog_generation()
+    assert await backend.import_releases("opa", [release("v1.1.0")]) == (0, 0)
+    assert await backend.catalog_generation() == before  # nothing changed, nothing bumped
+
+
+async def test_retention_rolls_days_up_then_daily_reads_them_seamlessly(backend: Any) -> None:
+    await backend.write_batch(
+        [report(IDS[0], heap=100), report(IDS[1], heap=300), report(IDS[2], "1.6.0", heap=None)],
+        [],
+        at("2026-10-01"),
+    )
+    await backend.write_batch([report(IDS[0])], [], at("2026-10-01", 13))
+    await backend.write_batch([report(IDS[3])], [], at("2026-11-30"))
+    expired = await backend.count_expired("2026-11-01")
+    assert (expired.days, expired.rows_deleted) == (1, 3)
+    result = await backend.roll_up_and_purge("2026-11-01")
+    assert (result.days, result.rows_deleted) == (1, 3)
+    again = await backend.roll_up_and_purge("2026-11-01")
+    assert (again.days, again.rows_deleted) == (0, 0)
+    days = await backend.daily("opa", "2026-09-01")
+    assert [(d.day, d.instances, d.reports, d.source) for d in days] == [
+        ("2026-10-01", 3, 4, "rollup"),
+        ("2026-11-30", 1, 1, "raw"),
+    ]
+
+
+async def test_only_a_migrating_open_creates_the_schema(backend: Any, tmp_path: Path) -> None:
+    assert await backend.schema_version() >= 1
+    again = await reopen(backend, migrate=False)  # exactly this version's schema: fine
+    await again.close()
+    migrated_twice = await reopen(backend)  # idempotent
+    await migrated_twice.close()
+    if isinstance(backend, PostgresStorage):
+        empty = TARGETS[id(backend)].rsplit("/", 1)[0] + "/postgres"
+        with pytest.raises(SchemaError, match="not an opa-telemetry database"):
+            await PostgresStorage.open(empty, migrate=False)
+    else:
+        with pytest.raises(SchemaError, match="no such database"):
+            await Storage.open(tmp_path / "absent.db", migrate=False)
+
+
+async def test_ping_answers_while_the_database_is_there(backend: Any) -> None:
+    await backend.ping()
+
+
+# -- PostgreSQL only ------------------------------------------------------------------------
+
+
+async def test_postgres_nodes_starting_together_migrate_once(postgres_dsn: str) -> None:
+    nodes = await asyncio.gather(*(PostgresStorage.open(postgres_dsn) for _ in range(4)))
+    try:
+        assert {await node.schema_version() for node in nodes} == {1}
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+async def test_postgres_two_nodes_upserting_the_same_instances_count_every_report(
+    postgres_dsn: str,
+) -> None:
+    first, second = (
+        await PostgresStorage.open(postgres_dsn),
+        await PostgresStorage.open(postgres_dsn),
+    )
+    try:
+        batch = [report(i) for i in IDS]
+        for _ in range(10):
+            await asyncio.gather(
+                first.write_batch(batch, [], at("2026-11-30")),
+                second.write_batch(batch[::-1], [], at("2026-11-30")),
+            )
+        stats = await first.stats("opa", "2026-11-30")
+        assert (stats.instances, stats.reports) == (10, 200)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_postgres_errors_never_show_the_password(
+    postgres_cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = postgres_cluster.dsn().replace(PASSWORD, "not-" + PASSWORD)
+    with pytest.raises(SchemaError) as raised:
+        await PostgresStorage.open(wrong)
+    assert "password authentication failed" in str(raised.value)
+    assert PASSWORD not in str(raised.value) and "***" in str(raised.value)
+    down = f"postgresql://opa:{PASSWORD}@127.0.0.1:1/postgres"
+    with pytest.raises(SchemaError) as raised:
+        await PostgresStorage.open(down, wait=1.2)
+    assert "cannot connect" in str(raised.value)
+    assert PASSWORD not in str(raised.value) + caplog.text
+    assert "not reachable" in caplog.text
+    assert redact_dsn(down) == "postgresql://opa:***@127.0.0.1:1/postgres"
