@@ -382,9 +382,7 @@ def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int)
     return code
 
 
-def _worker(
-    settings: Settings, index: int, ready: multiprocessing.queues.Queue[int | str]
-) -> None:
+def _worker(settings: Settings, index: int, ready: multiprocessing.queues.Queue[int | str]) -> None:
     """One worker process: serve on the shared port until SIGTERM (or SIGINT). It reports
     its index once it listens, or the one-line reason it could not start."""
     _configure_logging(settings)
