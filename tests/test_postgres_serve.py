@@ -1,0 +1,178 @@
+"""The server on PostgreSQL, end to end: real ``serve`` processes, a real private cluster.
+
+Several nodes on one database, the database restarted under load (acknowledged <= stored <=
+sent), a server started before its database, and a password that never reaches a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
+
+from .conftest import INSTANCE_ID, OPA_UA, ready_url, report_body
+from .pgcluster import PASSWORD
+
+SERVER = [sys.executable, "-m", "opa_telemetry_server"]
+
+
+async def start_node(dsn: str, *extra: str) -> tuple[asyncio.subprocess.Process, str]:
+    """A ``serve`` process on a free port; returns it and its base URL once it listens."""
+    process = await asyncio.create_subprocess_exec(
+        *SERVER, "serve", "--port", "0", "--db", dsn, "--log-level", "info",
+        "--no-access-log", "--rate-limit", "0", "--catalog-refresh", "0.2", *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 90)
+    if not line:
+        assert process.stderr is not None
+        raise AssertionError((await process.stderr.read()).decode())
+    return process, ready_url(line)
+
+
+async def stop_node(process: asyncio.subprocess.Process) -> str:
+    """SIGTERM, wait for a clean exit, and return everything it logged."""
+    if process.returncode is None:
+        process.terminate()
+    assert await asyncio.wait_for(process.wait(), 60) == 0
+    assert process.stderr is not None
+    return (await process.stderr.read()).decode()
+
+
+async def stored_reports(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT coalesce(sum(report_count), 0) FROM reports"))
+    finally:
+        await conn.close()
+
+
+def server_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SERVER, *argv], capture_output=True, text=True, timeout=90)
+
+
+async def post_report(session: aiohttp.ClientSession, url: str, **fields: Any) -> Any:
+    async with session.post(
+        f"{url}/v1/version", json=report_body(**fields), headers={"User-Agent": OPA_UA}
+    ) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def test_two_nodes_share_reports_and_catalog_changes(postgres_dsn: str) -> None:
+    first, first_url = await start_node(postgres_dsn)
+    second, second_url = await start_node(postgres_dsn)
+    try:
+        async with aiohttp.ClientSession() as session:
+            answer = await post_report(session, first_url, version="1.5.1")
+            assert answer["latest"]["latest_release"] == "v1.20.2"  # seeded once, shared
+            await post_report(session, second_url, id=INSTANCE_ID.replace("a", "b"))
+            added = server_cli(
+                "releases", "add", "v1.99.0", "--db", postgres_dsn, "--published", "2026-11-30",
+                "--asset", "opa_linux_amd64",
+            )  # fmt: skip
+            assert added.returncode == 0, added.stderr
+            for url in (first_url, second_url):  # both nodes pick the change up by themselves
+                async with asyncio.timeout(30):
+                    while True:
+                        answer = await post_report(session, url)
+                        if answer["latest"]["latest_release"] == "v1.99.0":
+                            break
+                        await asyncio.sleep(0.1)
+        stats = server_cli("stats", "--db", postgres_dsn, "--json")
+        assert stats.returncode == 0, stats.stderr
+        assert '"instances": 2' in stats.stdout
+    finally:
+        logs = await stop_node(first) + await stop_node(second)
+    assert PASSWORD not in logs
+
+
+async def test_a_database_restart_under_load_loses_no_acknowledged_report(
+    postgres_cluster: Any, postgres_dsn: str
+) -> None:
+    node, url = await start_node(postgres_dsn, "--retry-after", "1")
+    try:
+        config = LoadConfig(
+            parse_target(url), concurrency=32, duration=6.0, instances=5000, seed=3, timeout=3.0
+        )
+        load = asyncio.create_task(run_load(config))
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(postgres_cluster.restart, "fast")
+        result = await load
+        # After the outage the node recovers by itself.
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(30):
+                while True:
+                    async with session.post(
+                        f"{url}/v1/version", json=report_body(), headers={"User-Agent": OPA_UA}
+                    ) as response:
+                        if response.status == 200:
+                            break
+                        assert response.status == 503 and "Retry-After" in response.headers
+                    await asyncio.sleep(0.2)
+    finally:
+        logs = await stop_node(node)
+    stored = await stored_reports(postgres_dsn) - 1  # less the recovery probe
+    assert result.reports_ok > 500, result  # the restart landed mid-load
+    assert result.reports_ok <= stored <= result.sent, (result.reports_ok, stored, result.sent)
+    assert PASSWORD not in logs
+
+
+async def test_a_server_started_before_its_database_waits_for_it(
+    postgres_cluster: Any, postgres_dsn: str
+) -> None:
+    await asyncio.to_thread(postgres_cluster.stop)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *SERVER, "serve", "--port", "0", "--db", postgres_dsn, "--no-access-log",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stderr is not None and process.stdout is not None
+        waiting = await asyncio.wait_for(process.stderr.readline(), 60)
+        assert b"is not reachable" in waiting and b"retrying" in waiting
+        assert PASSWORD.encode() not in waiting and b"***" in waiting
+    finally:
+        await asyncio.to_thread(postgres_cluster.start)
+    url = ready_url(await asyncio.wait_for(process.stdout.readline(), 60))
+    async with aiohttp.ClientSession() as session:
+        await post_report(session, url)
+    assert PASSWORD not in await stop_node(process)
+
+
+def test_cli_commands_explain_an_unreachable_database_without_the_password() -> None:
+    dsn = f"postgresql://opa:{PASSWORD}@127.0.0.1:1/telemetry"
+    started = time.monotonic()
+    result = server_cli("stats", "--db", dsn)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "cannot connect" in result.stderr and PASSWORD not in result.stderr
+    assert time.monotonic() - started < 60  # the CLI does not wait for a database
+
+
+def test_the_environment_never_needs_asyncpg_for_sqlite() -> None:
+    # SQLite users need not install the postgres extra: the backend is imported on demand.
+    code = "import sys, opa_telemetry_server.app, opa_telemetry_server.cli; print('asyncpg' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={**os.environ},
+    )  # fmt: skip
+    assert result.stdout.strip() == "False", result.stderr
+
+
+@pytest.fixture(autouse=True)
+def _restore_cluster(postgres_cluster: Any) -> Any:
+    """Whatever a test did to the cluster, the next one finds it running."""
+    yield
+    if postgres_cluster.run(
+        "pg_ctl", "-D", str(postgres_cluster.data), "status", check=False
+    ).returncode:
+        postgres_cluster.start()
