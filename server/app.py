@@ -20,6 +20,7 @@ from .http_errors import install_address_redaction
 from .ingest import Ingest
 from .protocol import DEFAULT_PRODUCT
 from .ratelimit import RateLimiter
+from .advisories import bundled_advisories
 from .releases import bundled_releases
 from .routes import setup_routes
 from .settings import Settings
@@ -86,6 +87,11 @@ async def prepare_database(settings: Settings) -> None:
             added = await storage.seed_catalog(DEFAULT_PRODUCT, bundled_releases())
             if added:
                 logger.info("release catalog seeded with %d bundled OPA releases", added)
+            added, _ = await storage.import_advisories(
+                DEFAULT_PRODUCT, bundled_advisories(), seed=True
+            )
+            if added:
+                logger.info("advisories seeded with %d bundled OPA advisories", added)
     finally:
         await storage.close()
 
