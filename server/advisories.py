@@ -114,7 +114,9 @@ def advisory_from_osv(record: Any) -> Advisory:
         raise CatalogError(f"advisory {str(ident)[:80]!r}: id: required, letters, digits, . _ : -")
     problems: list[str] = []
     aliases = record.get("aliases", [])
-    if not isinstance(aliases, list) or not all(isinstance(a, str) and _ID.fullmatch(a) for a in aliases):
+    if not isinstance(aliases, list) or not all(
+        isinstance(a, str) and _ID.fullmatch(a) for a in aliases
+    ):
         problems.append("aliases: must be an array of ids")
         aliases = []
     summary = record.get("summary", record.get("details", ""))
@@ -126,11 +128,15 @@ def advisory_from_osv(record: Any) -> Advisory:
         problems.append("database_specific: must be an object")
         specific = {}
     severity = specific.get("severity")
-    if severity is not None and (not isinstance(severity, str) or severity.upper() not in SEVERITIES):
+    if severity is not None and (
+        not isinstance(severity, str) or severity.upper() not in SEVERITIES
+    ):
         problems.append(f"database_specific.severity: one of {', '.join(SEVERITIES)}")
         severity = None
     goos = specific.get("goos")
-    if goos is not None and (not isinstance(goos, list) or not all(isinstance(g, str) for g in goos)):
+    if goos is not None and (
+        not isinstance(goos, list) or not all(isinstance(g, str) for g in goos)
+    ):
         problems.append("database_specific.goos: must be an array of GOOS names")
         goos = None
     ranges, versions = _affected(record.get("affected"), problems)

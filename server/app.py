@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .advisories import bundled_advisories
 from .appkeys import CODEC, INTAKE, REPOS, SETTINGS, STORAGE, Intake
 from .catalog import CatalogCache
 from .codec import json_codec
@@ -20,11 +21,11 @@ from .http_errors import install_address_redaction
 from .ingest import Ingest
 from .protocol import DEFAULT_PRODUCT
 from .ratelimit import RateLimiter
-from .advisories import bundled_advisories
 from .releases import bundled_releases
 from .routes import setup_routes
 from .settings import Settings
 from .storage import PurgeResult, Storage, existing_shards, shard_path
+from .sync import run_sync, sync_target
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,13 @@ async def _databases(app: web.Application, worker: int) -> AsyncIterator[None]:
         writer = asyncio.create_task(ingest.run(), name="opa-telemetry-writer")
         refresher = asyncio.create_task(cache.run(), name="opa-telemetry-catalog-refresh")
         stack.push_async_callback(_cancel, refresher)
+        if worker == 0 and settings.sync_interval:
+            syncing = asyncio.create_task(
+                run_sync(partial(open_storage, settings, settings.db), [sync_target(settings)],
+                         settings.sync_interval),
+                name="opa-telemetry-sync",
+            )  # fmt: skip
+            stack.push_async_callback(_cancel, syncing)
         if worker == 0 and settings.retention_days:
             retention = asyncio.create_task(_retention(settings), name="opa-telemetry-retention")
             stack.push_async_callback(_cancel, retention)

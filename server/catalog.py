@@ -40,8 +40,7 @@ class Catalog:
         self._policies = dict(policies or {})
         self._advisories = group_advisories(advisories)
         self._offers: dict[str, Offer] = {
-            product: offer(items, self.policy(product))
-            for product, items in self._releases.items()
+            product: offer(items, self.policy(product)) for product, items in self._releases.items()
         }
         # Only products with a partial rollout under way: the hot path hashes the instance id
         # for these alone.
@@ -67,6 +66,10 @@ class Catalog:
         """The release offered to an instance in rollout ``bucket`` (``None``: no id)."""
         found = self._offers.get(product)
         return found.for_bucket(bucket) if found else None
+
+    def products(self) -> list[str]:
+        """The products with at least one release."""
+        return sorted(self._releases)
 
     def releases(self, product: str) -> Sequence[Release]:
         return self._releases.get(product, ())

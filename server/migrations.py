@@ -92,15 +92,17 @@ SCHEMA_V2 = (
     """,
 )
 
+
 def _bumps_generation(table: str) -> tuple[str, ...]:
     """Triggers that bump the catalog generation on any change to ``table``."""
+    # ``table`` is one of this module's own table names, never input.
     return tuple(
         f"""
-        CREATE TRIGGER {table}_{event.lower()}d AFTER {event} ON {table} BEGIN
+        CREATE TRIGGER {table}_{done} AFTER {event} ON {table} BEGIN
             UPDATE meta SET value = value + 1 WHERE key = 'catalog_generation';
         END
-        """
-        for event in ("INSERT", "UPDATE", "DELETE")
+        """  # noqa: S608
+        for event, done in (("INSERT", "inserted"), ("UPDATE", "updated"), ("DELETE", "deleted"))
     )
 
 

@@ -79,7 +79,10 @@ def offer(releases: Sequence[Release], policy: Policy) -> Offer:
     ]  # fmt: skip
     latest = next((r for r in candidates if r.tag not in policy.rollouts), None)
     partial = [r for r in candidates if r.tag in policy.rollouts]
-    if not partial or (latest is not None and all(r.version.precedence < latest.version.precedence for r in partial)):
+    if not partial or (
+        latest is not None
+        and all(r.version.precedence < latest.version.precedence for r in partial)
+    ):
         return Offer(latest)
     by_bucket = tuple(
         next(

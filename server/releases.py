@@ -38,16 +38,46 @@ MAX_URL_LENGTH = 2048
 # Go's GOOS and GOARCH values: a file name's platform suffix is read only from these, so that
 # ``checksums_sha256.txt`` or ``opa_linux_amd64.sha256`` never pass for a binary.
 GOOS = frozenset(
-    "aix android darwin dragonfly freebsd illumos ios js linux netbsd openbsd plan9 solaris"
-    " wasip1 windows".split()
+    [
+        "aix",
+        "android",
+        "darwin",
+        "dragonfly",
+        "freebsd",
+        "illumos",
+        "ios",
+        "js",
+        "linux",
+        "netbsd",
+        "openbsd",
+        "plan9",
+        "solaris",
+        "wasip1",
+        "windows",
+    ]
 )
 GOARCH = frozenset(
-    "386 amd64 arm arm64 loong64 mips mips64 mips64le mipsle ppc64 ppc64le riscv64 s390x"
-    " wasm".split()
+    [
+        "386",
+        "amd64",
+        "arm",
+        "arm64",
+        "loong64",
+        "mips",
+        "mips64",
+        "mips64le",
+        "mipsle",
+        "ppc64",
+        "ppc64le",
+        "riscv64",
+        "s390x",
+        "wasm",
+    ]
 )
 _ARCHIVES = (".tar.gz", ".tar.xz", ".tar.bz2", ".tgz", ".zip", ".exe")
 _ASSET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+# A tag is a full version (three numbers), optionally with a "v": "v1" is refused as ambiguous.
+_TAG = re.compile(r"[vV]?\d+\.\d+\.\d+[A-Za-z0-9._+-]{0,48}")
 _PLATFORM_WORD = re.compile(r"[a-z0-9]{1,32}")
 _OWN_KEYS = frozenset({"tag", "published", "release_notes", "assets", "prerelease"})
 _ASSET_KEYS = frozenset({"url", "os", "arch"})
@@ -114,7 +144,9 @@ def platform_of(name: str) -> tuple[str, str, bool] | None:
     return None
 
 
-def asset_for_platform(assets: Iterable[Asset], os_name: str | None, arch: str | None) -> Asset | None:
+def asset_for_platform(
+    assets: Iterable[Asset], os_name: str | None, arch: str | None
+) -> Asset | None:
     """The asset for ``os_name``/``arch``; ``None`` if there is none.
 
     The plain build is preferred over the ``_static`` one (it is what OPA's own download page
@@ -185,6 +217,8 @@ def check_url(value: object) -> str:
         raise ValueError(f"not a URL: {value[:100]!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"must be an absolute http(s) URL, not {value[:100]!r}")
+    if any(segment in ("..", ".") for segment in parts.path.split("/")):
+        raise ValueError(f"has a '.' or '..' path segment: {value[:100]!r}")
     return value
 
 
@@ -252,7 +286,9 @@ def release_from_github(entry: Mapping[str, Any], product: str) -> Release | Non
     if draft:
         return None
     assert tag is not None and version is not None and notes is not None
-    return Release(tag, version, notes, assets, published, prerelease is True or version.is_prerelease)
+    return Release(
+        tag, version, notes, assets, published, prerelease is True or version.is_prerelease
+    )
 
 
 def parse_releases(document: Any, product: str = DEFAULT_PRODUCT) -> ParsedReleases:
@@ -274,7 +310,9 @@ def parse_releases(document: Any, product: str = DEFAULT_PRODUCT) -> ParsedRelea
             else:
                 release = release_from_mapping(entry, product)
         except CatalogError as exc:
-            raise CatalogError(f"entry {number} ({exc})" if len(entries) > 1 else str(exc)) from None
+            raise CatalogError(
+                f"entry {number} ({exc})" if len(entries) > 1 else str(exc)
+            ) from None
         if release is None:
             drafts += 1
             continue
@@ -305,7 +343,8 @@ def bundled_releases() -> list[Release]:
 
 
 def _kind(value: object) -> str:
-    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {dict: "an object", list: "an array", str: "a string"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _checked(problems: list[str], key: str, check: Any, value: object) -> Any:
@@ -321,7 +360,7 @@ def _tag(value: object, problems: list[str], key: str = "tag") -> tuple[str | No
         problems.append(f"{key}: required, a version such as v1.2.3")
         return None, None
     if not _TAG.fullmatch(value):
-        problems.append(f"{key}: {value[:80]!r} has characters a tag cannot have")
+        problems.append(f"{key}: {value[:80]!r} is not a version tag such as v1.2.3")
         return None, None
     try:
         return value, parse_version(value)
@@ -372,7 +411,9 @@ def _own_asset(item: object, product: str, tag: str | None) -> Asset:
     if isinstance(item, dict):
         unknown = sorted(set(item) - _ASSET_KEYS)
         if unknown:
-            raise ValueError(f"unknown keys {', '.join(map(repr, unknown))} (expected url, os, arch)")
+            raise ValueError(
+                f"unknown keys {', '.join(map(repr, unknown))} (expected url, os, arch)"
+            )
         url = check_url(item.get("url"))
         name = _file_name(url)
         os_name, arch = item.get("os"), item.get("arch")
@@ -390,9 +431,7 @@ def _own_asset(item: object, product: str, tag: str | None) -> Asset:
         name = _asset_name(item)
         url = f"{OPA_DOWNLOAD_BASE}/{tag}/{name}"
     else:
-        raise ValueError(
-            f"{item[:80]!r}: must be a full URL (only OPA's assets may be bare names)"
-        )
+        raise ValueError(f"{item[:80]!r}: must be a full URL (only OPA's assets may be bare names)")
     platform = platform_of(name)
     if platform is None:
         raise ValueError(

@@ -26,10 +26,10 @@ from urllib.parse import quote
 
 import aiosqlite
 
+from .advisories import Advisory, advisory_from_osv
 from .codec import json_codec
 from .errors import CatalogError, SchemaError, StorageUnavailableError
 from .migrations import MIGRATIONS
-from .advisories import Advisory, advisory_from_osv
 from .policy import Policy
 from .protocol import Report
 from .releases import Release, release_from_mapping
@@ -430,7 +430,7 @@ class Storage:
         *,
         yanked: bool | None = None,
         reason: str | None = None,
-        rollout_percent: int | None | EllipsisType = ...,
+        rollout_percent: int | EllipsisType | None = ...,
     ) -> bool:
         """Yank/unyank a release or set its rollout (``None``: fully rolled out).
 
@@ -492,9 +492,7 @@ class Storage:
                     if await c.fetchone():
                         await self._conn.execute("COMMIT")
                         return 0, 0
-                await self._conn.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)", (key, now)
-                )
+                await self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, now))
             for advisory in advisories:
                 record = json.dumps(advisory.record, sort_keys=True)
                 cursor = await self._conn.execute(

@@ -23,7 +23,9 @@ from yarl import URL
 
 from . import __version__
 from .errors import CatalogError, SyncError
+from .protocol import product_slug
 from .releases import Release, parse_releases
+from .settings import Settings
 from .storage import Storage, SyncState
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,18 @@ class SyncTarget:
         return URL(f"{self.api_url.rstrip('/')}/repos/{self.repo}/releases").with_query(
             per_page=PER_PAGE
         )
+
+
+def sync_target(settings: Settings) -> SyncTarget:
+    """The sync the settings describe (the token travels in memory only)."""
+    return SyncTarget(
+        product=product_slug(settings.sync_product),
+        repo=settings.sync_repo,
+        api_url=settings.sync_api_url,
+        include_prereleases=settings.sync_include_prereleases,
+        prune=settings.sync_prune,
+        token=settings.sync_token,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +204,8 @@ async def _fetch(
                         return None, etag
                     _check_status(resp)
                     body = await _read_capped(resp)
-                    next_url = resp.links.get("next", {}).get("url")
+                    link = resp.links.get("next")
+                    next_url = link.get("url") if link is not None else None
                     if not pages:
                         first_etag = resp.headers.get("ETag")
         except TimeoutError:
@@ -242,9 +257,7 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     raise SyncError(f"{resp.url}: page larger than {MAX_PAGE_BYTES} bytes")
 
 
-async def run_sync(
-    open_storage: Any, targets: list[SyncTarget], interval: float
-) -> None:
+async def run_sync(open_storage: Any, targets: list[SyncTarget], interval: float) -> None:
     """Sync every target now and then every ``interval`` seconds, forever (one process).
 
     A failure is logged (never with the token) and retried at the next interval, or later

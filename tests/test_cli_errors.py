@@ -231,6 +231,7 @@ def test_the_server_errors_form_the_documented_tree() -> None:
         errors.ShuttingDownError: errors.UnavailableError,
         errors.StorageUnavailableError: errors.UnavailableError,
         errors.CatalogError: errors.TelemetryError,
+        errors.SyncError: errors.TelemetryError,
         errors.SchemaError: errors.TelemetryError,
         errors.UsageError: errors.TelemetryError,
     }

@@ -9,6 +9,7 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
+from opa_telemetry_server.catalog import load_catalog
 from opa_telemetry_server.errors import CatalogError, SchemaError
 from opa_telemetry_server.migrations import MIGRATIONS
 from opa_telemetry_server.protocol import Report
@@ -91,7 +92,7 @@ async def test_seed_catalog_runs_once_even_after_removals(storage: Storage) -> N
     assert await storage.seed_catalog("opa", bundled_releases()) == 139
     assert await storage.remove_release("opa", "v1.20.2")
     assert await storage.seed_catalog("opa", bundled_releases()) == 0
-    catalog = await storage.load_catalog()
+    catalog = await load_catalog(storage)
     assert catalog.latest("opa").tag == "v1.20.1"  # type: ignore[union-attr]
 
 
@@ -111,8 +112,9 @@ async def test_add_release_refuses_duplicates_unless_replacing(storage: Storage)
         await storage.add_release("opa", release_from_mapping({"tag": "v9.0.0"}))
     changed = release_from_mapping({"tag": "v9.0.0", "assets": ["opa_linux_amd64"]})
     await storage.add_release("opa", changed, replace=True)
-    latest = (await storage.load_catalog()).latest("opa")
-    assert latest is not None and latest.assets == ("opa_linux_amd64",) and latest.id > 0
+    latest = (await load_catalog(storage)).latest("opa")
+    assert latest is not None and latest.id > 0
+    assert [a.to_json() for a in latest.assets] == ["opa_linux_amd64"]
 
 
 async def test_import_counts_added_and_updated(storage: Storage) -> None:
