@@ -80,23 +80,47 @@ def test_another_product_never_gets_opas_urls() -> None:
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ({"tag": "v1.0.0", "release_notes": "javascript:alert(1)"}, "release_notes: must be an absolute http(s) URL"),
-        ({"tag": "v1.0.0", "release_notes": "/relative/page"}, "release_notes: must be an absolute"),
+        (
+            {"tag": "v1.0.0", "release_notes": "javascript:alert(1)"},
+            "release_notes: must be an absolute http(s) URL",
+        ),
+        (
+            {"tag": "v1.0.0", "release_notes": "/relative/page"},
+            "release_notes: must be an absolute",
+        ),
         ({"tag": "v1.0.0", "assets": ["../../etc/passwd"]}, "assets[0]: must be an absolute"),
         ({"tag": "v1.0.0", "assets": ["javascript:alert(1)"]}, "assets[0]: must be an absolute"),
-        ({"tag": "v1.0.0", "assets": ["opa linux"]}, "assets[0]: 'opa linux' is not a plain file name"),
-        ({"tag": "v1.0.0", "assets": ["ftp://h/opa_linux_amd64"]}, "assets[0]: must be an absolute"),
-        ({"tag": "v1.0.0", "assets": ["https://h/../opa_linux_amd64"]}, "assets[0]: has a '.' or '..' path segment"),
-        ({"tag": "v1.0.0", "assets": ["opa_linux_amd64", "opa_linux_amd64"]}, "assets[1]: duplicate"),
-        ({"tag": "v1.0.0", "assets": ["opa_checksums.txt"]}, "assets[0]: 'opa_checksums.txt' names no platform"),
+        (
+            {"tag": "v1.0.0", "assets": ["opa linux"]},
+            "assets[0]: 'opa linux' is not a plain file name",
+        ),
+        (
+            {"tag": "v1.0.0", "assets": ["ftp://h/opa_linux_amd64"]},
+            "assets[0]: must be an absolute",
+        ),
+        (
+            {"tag": "v1.0.0", "assets": ["https://h/../opa_linux_amd64"]},
+            "assets[0]: has a '.' or '..' path segment",
+        ),
+        (
+            {"tag": "v1.0.0", "assets": ["opa_linux_amd64", "opa_linux_amd64"]},
+            "assets[1]: duplicate",
+        ),
+        (
+            {"tag": "v1.0.0", "assets": ["opa_checksums.txt"]},
+            "assets[0]: 'opa_checksums.txt' names no platform",
+        ),
         ({"tag": "v1.0.0", "prerelease": "no"}, "v1.0.0: prerelease: must be true or false"),
         ({"tag": "v1.0.0", "prerelease": 0}, "prerelease: must be true or false"),
         ({"tag": "v1.0.0", "notes": "x", "draft": False}, "unknown keys 'draft', 'notes'"),
         ({"tag": "v1/../2.0.0"}, "tag: 'v1/../2.0.0' is not a version tag"),
         ({"tag": "v1"}, "tag: 'v1' is not a version tag"),
-        ({"tag": "v1.0.0", "assets": [{"url": "https://h/x", "os": "Linux!", "arch": "amd64"}]}, "assets[0]: os: must be"),
+        (
+            {"tag": "v1.0.0", "assets": [{"url": "https://h/x", "os": "Linux!", "arch": "amd64"}]},
+            "assets[0]: os: must be",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_entries_are_refused_naming_the_field(entry: dict[str, Any], message: str) -> None:
     with pytest.raises(CatalogError) as caught:
         release_from_mapping(entry)
@@ -191,8 +215,9 @@ async def test_a_release_added_for_otherapp_is_served_to_otherapp_user_agents(
     settings = make_settings(tmp_path)
     client = await aiohttp_client(create_app(settings))  # creates and seeds the database
     asset = "https://dl.example.org/v3.0.0/otherapp-3.0.0_linux_amd64.tar.gz"
-    code = await asyncio.to_thread(main, ["releases", "add", "v3.0.0", "--db", settings.db, "--product", "OtherApp",
-                 "--notes", NOTES, "--asset", asset])  # fmt: skip
+    argv = ["releases", "add", "v3.0.0", "--db", settings.db, "--product", "OtherApp",
+            "--notes", NOTES, "--asset", asset]  # fmt: skip
+    code = await asyncio.to_thread(main, argv)
     capsys.readouterr()
     assert code == 0
     await _refresh(client)
