@@ -209,7 +209,7 @@ async def _fetch(
                     if not pages:
                         first_etag = resp.headers.get("ETag")
         except TimeoutError:
-            raise SyncError(f"{url}: no answer within {TOTAL_TIMEOUT:g}s") from None
+            raise SyncError(f"{url}: no answer in time (timed out)") from None
         except aiohttp.ClientError as exc:
             raise SyncError(f"{url}: {type(exc).__name__}: {str(exc)[:200]}") from None
         try:
