@@ -139,21 +139,32 @@ class CatalogCache:
         While a rollout is under way for ``product`` the offered release is part of the key,
         chosen by the instance's rollout bucket.
         """
-        buckets = self._rollouts.get(product) if self._rollouts else None
-        if buckets is None:
-            key: tuple[Any, ...] = (product, version, os_name, arch)
-            release = None
-        else:
-            release = buckets[rollout_bucket(instance_id)]
-            key = (product, version, os_name, arch, release.tag if release else None)
+        if self._rollouts and product in self._rollouts:
+            return self._rollout_answer(product, version, os_name, arch, instance_id)
+        key = (product, version, os_name, arch)
         answer = self._answers.get(key)
         if answer is None:
-            if len(self._answers) >= MAX_CACHED_ANSWERS:
-                self._answers = {}
-            if buckets is None:
-                release = self.catalog.latest(product)
-            document = self.catalog.answer(product, version, os_name, arch, release)
-            answer = self._answers[key] = self._dumps(document)
+            answer = self._encode(key, self.catalog.latest(product))
+        return answer
+
+    def _rollout_answer(self, product: str, version: Version, os_name: str | None,
+                        arch: str | None, instance_id: str) -> bytes:  # fmt: skip
+        """While a rollout is under way: the offered release (by the instance's bucket) is
+        part of the key."""
+        release = self._rollouts[product][rollout_bucket(instance_id)]
+        key = (product, version, os_name, arch, release.tag if release else None)
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = self._encode(key, release)
+        return answer
+
+    def _encode(self, key: tuple[Any, ...], release: Release | None) -> bytes:
+        if len(self._answers) >= MAX_CACHED_ANSWERS:
+            self._answers = {}
+        product, version, os_name, arch = key[:4]
+        document = self.catalog.answer(product, version, os_name, arch, release)
+        answer: bytes = self._dumps(document)
+        self._answers[key] = answer
         return answer
 
     async def refresh(self) -> bool:
