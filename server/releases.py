@@ -280,7 +280,7 @@ def release_from_github(entry: Mapping[str, Any], product: str) -> Release | Non
     prerelease = entry.get("prerelease", False)
     if not isinstance(prerelease, bool):
         problems.append("prerelease: must be true or false")
-    assets = _github_assets(entry.get("assets", []), problems)
+    assets = _github_assets(entry.get("assets", []), problems, product, tag)
     if problems:
         raise CatalogError(f"{label}: {'; '.join(problems)}")
     if draft:
@@ -441,7 +441,11 @@ def _own_asset(item: object, product: str, tag: str | None) -> Asset:
     return Asset(name, url, *platform, given=item)
 
 
-def _github_assets(value: object, problems: list[str]) -> tuple[Asset, ...]:
+def _github_assets(
+    value: object, problems: list[str], product: str, tag: str | None
+) -> tuple[Asset, ...]:
+    """GitHub's assets that name a platform. OPA's own binaries (``opa_<os>_<arch>...``) are
+    linked on OPA's download site, as the bundled catalog links them (DESIGN.md §1.3)."""
     if not isinstance(value, list):
         problems.append("assets: must be an array")
         return ()
@@ -460,7 +464,10 @@ def _github_assets(value: object, problems: list[str]) -> tuple[Asset, ...]:
         platform = platform_of(name)
         if platform is None or any(a.url == url for a in assets):
             continue  # checksums, signatures, SBOMs: not a binary to offer
-        assets.append(Asset(name, url, *platform, given=url))
+        if product == DEFAULT_PRODUCT and name.startswith("opa_") and tag:
+            assets.append(Asset(name, f"{OPA_DOWNLOAD_BASE}/{tag}/{name}", *platform, given=name))
+        else:
+            assets.append(Asset(name, url, *platform, given=url))
     return tuple(assets[:MAX_ASSETS])
 
 

@@ -24,7 +24,7 @@ from yarl import URL
 from . import __version__
 from .errors import CatalogError, SyncError
 from .protocol import product_slug
-from .releases import Release, parse_releases
+from .releases import Release, release_from_github
 from .settings import Settings
 from .storage import Storage, SyncState
 
@@ -86,6 +86,7 @@ class SyncResult:
     removed: int = 0
     pages: int = 0
     drafts_skipped: int = 0
+    invalid_skipped: int = 0
 
     def describe(self, product: str) -> str:
         if not self.changed:
@@ -93,6 +94,7 @@ class SyncResult:
         return (
             f"{product}: {self.added} added, {self.updated} updated, {self.removed} removed,"
             f" {self.read} read from {self.pages} page(s), {self.drafts_skipped} drafts skipped"
+            + (f", {self.invalid_skipped} invalid skipped" if self.invalid_skipped else "")
         )
 
 
@@ -135,19 +137,31 @@ async def sync_product(
 
 
 async def _apply(storage: Storage, target: SyncTarget, pages: list[Any]) -> SyncResult:
-    entries = [entry for page in pages for entry in page]
-    try:
-        parsed = parse_releases(entries, target.product)
-    except CatalogError as exc:
-        raise SyncError(f"unusable release in the answer: {exc}") from None
-    releases: list[Release] = [
-        r for r in parsed.releases if target.include_prereleases or not r.prerelease
-    ]
+    """Store what the pages list. Upstream is not the operator: an entry that does not pass
+    validation (a tag that is not a version, a bad URL) is skipped and logged, not fatal."""
+    releases: list[Release] = []
+    drafts = skipped = 0
+    seen: set[Any] = set()
+    for entry in (entry for page in pages for entry in page):
+        if not isinstance(entry, dict):
+            raise SyncError("the answer is not a list of release objects")
+        try:
+            release = release_from_github(entry, target.product)
+        except CatalogError as exc:
+            skipped += 1
+            logger.info("release sync of %s: skipping %s", target.product, exc)
+            continue
+        if release is None:
+            drafts += 1
+        elif release.version.precedence in seen:
+            skipped += 1
+        elif target.include_prereleases or not release.prerelease:
+            seen.add(release.version.precedence)
+            releases.append(release)
     added, updated, removed = await storage.sync_releases(
         target.product, releases, prune=target.prune
     )
-    return SyncResult(True, len(releases), added, updated, removed, len(pages),
-                      parsed.drafts_skipped)  # fmt: skip
+    return SyncResult(True, len(releases), added, updated, removed, len(pages), drafts, skipped)
 
 
 class _session:
