@@ -259,8 +259,13 @@ def _reference(value: object, problems: list[str]) -> str | None:
 
 
 def group_advisories(rows: Iterable[tuple[str, Advisory]]) -> dict[str, Sequence[Advisory]]:
-    """Each product's advisories, by id."""
+    """Each product's advisories, the most severe first, then by id."""
     grouped: dict[str, list[Advisory]] = {}
     for product, advisory in rows:
         grouped.setdefault(product, []).append(advisory)
-    return {p: tuple(sorted(items, key=lambda a: a.id)) for p, items in grouped.items()}
+    return {p: tuple(sorted(items, key=_severity_order)) for p, items in grouped.items()}
+
+
+def _severity_order(advisory: Advisory) -> tuple[int, str]:
+    rank = SEVERITIES.index(advisory.severity) if advisory.severity in SEVERITIES else -1
+    return -rank, advisory.id
