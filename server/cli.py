@@ -917,6 +917,9 @@ def _run_stats(args: argparse.Namespace) -> int:
         return await storage.stats(args.product, since, shards)
 
     stats = _with_storage(args, work)
+    if not stats.reports and not stats.version_checks:
+        print(f"warning: no reports or checks of {stats.product} since {stats.since}"
+              " (product names are slugs: check --product)", file=sys.stderr)  # fmt: skip
     if args.json:
         print(json.dumps(asdict(stats), indent=1))
         return 0

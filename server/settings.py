@@ -50,7 +50,9 @@ class Settings:
     retry_after: int = _knob(1, "seconds a client is told to wait when the server is busy")
     catalog_refresh: float = _knob(5.0, "seconds between checks for release catalog changes")
     shutdown_timeout: float = _knob(10.0, "seconds to finish in-flight requests on SIGTERM")
-    seed_catalog: bool = _knob(True, "import the bundled OPA releases on the first start")
+    seed_catalog: bool = _knob(
+        True, "import the bundled OPA releases and advisories on the first start"
+    )
     extra_keys: str = _knob(
         "", "report body keys to store besides OPA's, comma-separated (e.g. bundles,license)"
     )

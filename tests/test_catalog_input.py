@@ -252,3 +252,12 @@ def test_releases_import_reads_standard_input(
     assert json.loads(out)[0]["assets"] == [
         "https://github.com/o/r/releases/download/v2.0.0/myapp_linux_amd64.tar.gz"
     ]
+
+
+def test_stats_warns_when_a_product_has_no_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = make_db(tmp_path / "t.db", seed=False)
+    code, out, err = run(capsys, "stats", "--db", db, "--product", "OtherApp")
+    assert code == 0 and out.startswith("otherapp since ")
+    assert err.startswith("warning: no reports or checks of otherapp since ")

@@ -147,8 +147,15 @@ async def post_as(client: Any, version: str, instance: str | None = None) -> dic
     return result
 
 
+def run_main(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        return int(exc.code or 0)
+
+
 async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = await asyncio.to_thread(main, list(argv))
+    code = await asyncio.to_thread(run_main, list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -213,6 +220,13 @@ async def test_policy_from_the_cli_reaches_a_running_server(
     }
     code, out, _ = await cli(capsys, "releases", "status", *db)
     assert code == 0 and "min version:  1.0.0" in out and "last sync:    never" in out
+    code, _, err = await cli(capsys, "releases", "support", "--min-version", "one", *db)
+    assert code == 2 and err.startswith("error: --min-version: 'one' is not a version")
+    code, _, err = await cli(capsys, "releases", "rollout", "v1.21.0", "101", *db)
+    assert code == 2 and "expected a whole number from 0 to 100" in err
+    assert (await cli(capsys, "releases", "support", "--clear", *db))[0] == 0
+    await changed()
+    assert (await post_as(client, "0.70.0"))["support"] == {"status": "supported"}
 
 
 async def test_advisories_import_list_remove_and_the_answer(
