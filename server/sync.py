@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -271,7 +272,9 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     raise SyncError(f"{resp.url}: page larger than {MAX_PAGE_BYTES} bytes")
 
 
-async def run_sync(open_storage: Any, targets: list[SyncTarget], interval: float) -> None:
+async def run_sync(
+    open_storage: Callable[[], Awaitable[Storage]], targets: list[SyncTarget], interval: float
+) -> None:
     """Sync every target now and then every ``interval`` seconds, forever (one process).
 
     A failure is logged (never with the token) and retried at the next interval, or later
@@ -279,20 +282,34 @@ async def run_sync(open_storage: Any, targets: list[SyncTarget], interval: float
     """
     async with _session(None) as client:
         while True:
-            wait = interval
-            for target in targets:
-                storage = await open_storage()
-                try:
-                    state = await storage.sync_state(target.product)
-                    if state and state.retry_after_at and state.retry_after_at > time.time():
-                        continue
-                    result = await sync_product(storage, target, client)
-                    logger.info("release sync: %s", result.describe(target.product))
-                except SyncError as exc:
-                    logger.warning("release sync of %s failed: %s", target.product, exc)
-                    wait = max(wait, float(exc.retry_after or 0))
-                except Exception:
-                    logger.warning("release sync of %s failed", target.product, exc_info=True)
-                finally:
-                    await storage.close()
-            await asyncio.sleep(wait)
+            waits = [await _sync_once(open_storage, target, client) for target in targets]
+            await asyncio.sleep(max([interval, *waits]))
+
+
+async def _sync_once(
+    open_storage: Callable[[], Awaitable[Storage]],
+    target: SyncTarget,
+    client: aiohttp.ClientSession,
+) -> float:
+    """One sync of ``target`` on a connection of its own (never the ingest writer's); never
+    raises. Returns how long the upstream asked us to wait (0 if it did not)."""
+    try:
+        storage = await open_storage()
+    except Exception:
+        logger.warning("release sync of %s: cannot open the database", target.product,
+                       exc_info=True)  # fmt: skip
+        return 0.0
+    try:
+        state = await storage.sync_state(target.product)
+        if state and state.retry_after_at and state.retry_after_at > time.time():
+            return 0.0  # still asked to wait: try again at the next interval
+        result = await sync_product(storage, target, client)
+        logger.info("release sync: %s", result.describe(target.product))
+    except SyncError as exc:
+        logger.warning("release sync of %s failed: %s", target.product, exc)
+        return float(exc.retry_after or 0)
+    except Exception:
+        logger.warning("release sync of %s failed", target.product, exc_info=True)
+    finally:
+        await storage.close()
+    return 0.0
