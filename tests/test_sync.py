@@ -23,7 +23,7 @@ from opa_telemetry_server.catalog import load_catalog
 from opa_telemetry_server.cli import main as cli_main
 from opa_telemetry_server.errors import SyncError
 from opa_telemetry_server.storage import Storage
-from opa_telemetry_server.sync import SyncTarget, sync_product, sync_target
+from opa_telemetry_server.sync import SyncTarget, _sync_once, sync_product, sync_target
 
 from .conftest import AiohttpClient, make_settings
 
@@ -319,3 +319,26 @@ async def test_only_worker_0_syncs(
     assert syncing() == []
     await aiohttp_client(create_app(settings, worker=0))
     assert syncing() == ["opa-telemetry-sync"]
+
+
+async def test_the_server_loop_waits_as_long_as_upstream_asked(
+    github: tuple[FakeGitHub, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, api = github
+    fake.releases = [github_release("v1.0.0")]
+    fake.mode = "retry-after"
+    settings = make_settings(tmp_path)
+    await prepare_database(settings)
+
+    async def open_storage() -> Storage:
+        return await Storage.open(settings.db, migrate=False)
+
+    caplog.set_level(logging.DEBUG)
+    async with aiohttp.ClientSession() as client:
+        assert await _sync_once(open_storage, target(api, token=TOKEN), client) == 120
+        assert len(fake.requests) == 1
+        fake.mode = "ok"
+        # Asked to wait 120 s: the next round does not ask again before then.
+        assert await _sync_once(open_storage, target(api, token=TOKEN), client) == 0
+        assert len(fake.requests) == 1
+    assert "rate limited (429); retry in 120s" in caplog.text and TOKEN not in caplog.text
