@@ -309,7 +309,7 @@ async def test_only_worker_0_syncs(
 ) -> None:
     fake, api = github
     fake.releases = [github_release("v1.30.0")]
-    settings = make_settings(tmp_path, sync_interval=3600, sync_api_url=api)
+    settings = make_settings(tmp_path, sync_interval=3600, sync_api_url=api, catalog_refresh=0.05)
     await prepare_database(settings)
 
     def syncing() -> list[str]:
@@ -317,8 +317,12 @@ async def test_only_worker_0_syncs(
 
     await aiohttp_client(create_app(settings, worker=1))
     assert syncing() == []
-    await aiohttp_client(create_app(settings, worker=0))
+    client = await aiohttp_client(create_app(settings, worker=0))
     assert syncing() == ["opa-telemetry-sync"]
+    cache = client.app[INTAKE].catalog
+    async with asyncio.timeout(10):  # let the first sync finish before the app stops
+        while getattr(cache.catalog.latest("opa"), "tag", None) != "v1.30.0":
+            await asyncio.sleep(0.02)
 
 
 async def test_the_server_loop_waits_as_long_as_upstream_asked(
