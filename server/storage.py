@@ -8,6 +8,7 @@ HTTP layer turns into a 503 with ``Retry-After``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -259,7 +260,7 @@ class Storage:
         # A few stat calls at open time, before any connection exists: not worth a thread.
         uri = _database_uri(Path(path), create=migrate)
         try:
-            conn = await aiosqlite.connect(uri, isolation_level=None, uri=True)
+            conn = await _connect(uri)
         except sqlite3.Error as exc:
             raise SchemaError(f"{path}: cannot open the database: {exc}") from None
         try:
@@ -840,6 +841,19 @@ async def _check_current(conn: aiosqlite.Connection, path: str | Path) -> None:
             f"{path} has schema version {version}, newer than this version's {target};"
             " upgrade opa-telemetry"
         )
+
+
+async def _connect(uri: str) -> aiosqlite.Connection:
+    """Connect in aiosqlite's thread. If we are cancelled meanwhile (a background task
+    stopped as the server shuts down), wait for the connection and close it: an abandoned
+    one would finish later and call back into an event loop that may be closed by then."""
+    connecting = asyncio.ensure_future(aiosqlite.connect(uri, isolation_level=None, uri=True))
+    try:
+        return await asyncio.shield(connecting)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await (await connecting).close()
+        raise
 
 
 async def _user_version(conn: aiosqlite.Connection) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -192,3 +194,30 @@ async def test_open_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> Non
     (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(SchemaError, match="cannot use"):
         await Storage.open(tmp_path / "junk.db")
+
+
+def test_a_cancelled_open_never_calls_back_into_a_closed_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background task stopped while it opens the database (retention, sync) as the server
+    shuts down: when the task is done, aiosqlite's thread has nothing left to deliver, so
+    closing the loop right away cannot make that thread fail."""
+    failures: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    before = set(threading.enumerate())
+
+    async def open_then_stop() -> None:
+        opening = asyncio.create_task(Storage.open(tmp_path / "t.db"))
+        await asyncio.sleep(0)  # it now waits for the connection in aiosqlite's thread
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(open_then_stop())
+    finally:
+        loop.close()  # at once, as a server's loop closes after its cleanup
+    for thread in set(threading.enumerate()) - before:
+        thread.join(5)  # a hang guard
+    assert failures == []
