@@ -16,7 +16,7 @@ from aiohttp import web
 from .appkeys import CODEC, INTAKE, REPOS, SETTINGS, STORAGE, Intake
 from .catalog import CatalogCache
 from .codec import json_codec
-from .http_errors import install_address_redaction
+from .http_errors import logging_options
 from .ingest import Ingest
 from .protocol import DEFAULT_PRODUCT
 from .ratelimit import RateLimiter
@@ -42,9 +42,11 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     a connection still waiting for a complete request when it fires: so a client trickling its
     headers is cut off after ``read_timeout``. (Bodies are bounded in ``handlers``.) Request
     bodies are never decompressed: OPA does not compress them, and inflating one would happen
-    before the size cap.
+    before the size cap. aiohttp's logging of requests it refuses is bounded and never names
+    the client (``http_errors.logging_options``).
     """
     return {
+        **logging_options(settings.access_log),
         "keepalive_timeout": settings.read_timeout,
         "max_line_size": MAX_LINE_SIZE,
         "max_field_size": MAX_FIELD_SIZE,
@@ -59,7 +61,6 @@ def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
     ``worker`` numbers the process among ``settings.workers``: worker 0 commits reports to the
     main database, worker N to its own shard beside it (see ``storage.shard_path``).
     """
-    install_address_redaction()
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[CODEC] = json_codec(settings.fast)

@@ -31,7 +31,6 @@ from aiohttp import web
 from . import __version__
 from .app import create_app, prepare_database, purge_expired, runner_options
 from .errors import CatalogError, SchemaError, TelemetryError
-from .http_errors import ACCESS_LOG_FORMAT
 from .protocol import DEFAULT_PRODUCT
 from .releases import Release, release_from_mapping, releases_from_json
 from .settings import DEFAULT_DB, Settings, env_name
@@ -312,8 +311,6 @@ async def serve(
         runner = web.AppRunner(
             app,
             handle_signals=False,
-            access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-            access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=settings.shutdown_timeout,
             **runner_options(settings),
         )
