@@ -37,6 +37,7 @@ from .protocol import DEFAULT_PRODUCT
 from .releases import Release, release_from_mapping, releases_from_json
 from .settings import Settings, env_name
 from .storage import Day, PurgeResult, Stats, Storage, existing_shards
+from .tls import server_tls_context
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -314,6 +315,7 @@ def _supervise(settings: Settings) -> int:
     every worker exited cleanly after SIGINT/SIGTERM, 1 if one died on its own (the others are
     then stopped too, so a process manager can restart the whole server).
     """
+    server_tls_context(settings)  # each worker loads its own; a bad file stops us here, once
     asyncio.run(prepare_database(settings))
     reserved = None
     if settings.port == 0:  # pick the port here so that every worker binds the same one
@@ -348,7 +350,7 @@ def _supervise(settings: Settings) -> int:
                     logger.error("a worker failed to start")
                     return _stop_workers(workers, settings, code=1)
         if started == len(workers):
-            _print_ready(f"http://{settings.host}:{settings.port}{settings.prefix}")
+            _print_ready(f"{_scheme(settings)}://{settings.host}:{settings.port}{settings.prefix}")
         while not stopping:
             multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.5)
             if not stopping and any(not w.is_alive() for w in workers):
@@ -405,8 +407,10 @@ async def serve(
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting, drain the queue and return.
 
-    ``ready`` receives the base URL once the socket listens (default: print it).
+    ``ready`` receives the base URL once the socket listens (default: print it): ``https://``
+    when ``settings`` name a TLS certificate (raises :class:`TlsError` if it cannot be used).
     """
+    tls = server_tls_context(settings)  # before anything else: a bad file is a one-line error
     # Handlers first: a SIGTERM that arrives while we start (or right after "listening") must
     # still mean "drain and exit 0", never the default of dying on the spot.
     stop = asyncio.Event()
@@ -423,10 +427,13 @@ async def serve(
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+            site = web.TCPSite(
+                runner, settings.host, settings.port, ssl_context=tls,
+                reuse_port=reuse_port or None,
+            )  # fmt: skip
             await site.start()
             host, port = runner.addresses[0][:2]
-            (ready or _print_ready)(f"http://{host}:{port}{settings.prefix}")
+            (ready or _print_ready)(f"{_scheme(settings)}://{host}:{port}{settings.prefix}")
             await stop.wait()
             logger.info("shutting down: finishing in-flight requests")
         finally:
@@ -435,6 +442,10 @@ async def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     logger.info("stopped")
+
+
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.tls_cert else "http"
 
 
 def _print_ready(url: str) -> None:

@@ -18,6 +18,7 @@ place that maps them to HTTP statuses and the JSON error shape.
     ├── CatalogError ............. a release could not be added or parsed (CLI)
     ├── SchemaError .............. the database file cannot be opened or is not one this
     │                              version can use
+    ├── TlsError ................. the TLS certificate or key cannot be used (serve)
     └── UsageError ............... a bad flag, env var or setting (CLI exit status 2)
 """
 
@@ -95,6 +96,10 @@ class CatalogError(TelemetryError):
 class SchemaError(TelemetryError):
     """The database cannot be opened (a directory, a missing folder, no permission), is not
     an opa-telemetry database, or has a schema version this version cannot use."""
+
+
+class TlsError(TelemetryError):
+    """The TLS certificate or key given to ``serve`` cannot be read or do not match."""
 
 
 class UsageError(TelemetryError):
