@@ -31,7 +31,14 @@ from typing import Any, NoReturn, TypeVar
 from aiohttp import web
 
 from . import __version__
-from .app import create_app, open_storage, prepare_database, purge_expired, runner_options
+from .app import (
+    backup_database,
+    create_app,
+    open_storage,
+    prepare_database,
+    purge_expired,
+    runner_options,
+)
 from .errors import CatalogError, TelemetryError, UsageError
 from .protocol import DEFAULT_PRODUCT
 from .releases import Release, release_from_mapping, releases_from_json
@@ -173,6 +180,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="only print what would be rolled up and deleted"
     )
     purge.set_defaults(run=_run_purge)
+
+    backup = commands.add_parser(
+        "backup", help="copy the database and its worker shards, safely while the server runs"
+    )
+    add_settings_flags(backup, environ, STORAGE_SETTINGS)
+    backup.add_argument(
+        "dest", type=Path, metavar="DEST",
+        help="file for the copy of the database; shard copies go beside it (DEST.worker1...)",
+    )  # fmt: skip
+    backup.add_argument("--force", action="store_true", help="overwrite an existing copy")
+    backup.set_defaults(run=_run_backup)
     return parser
 
 
@@ -583,6 +601,18 @@ def _run_purge(args: argparse.Namespace) -> int:
     result = asyncio.run(purge_expired(settings, announce=announce, dry_run=args.dry_run))
     if result.days:
         print(f"{result.days} days rolled up, {result.rows_deleted} raw rows deleted")
+    return 0
+
+
+def _run_backup(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    written = asyncio.run(backup_database(settings, args.dest, force=args.force))
+    for file in written:
+        print(f"wrote {file.copy} ({file.size} bytes), a snapshot of {file.source}")
+    print(
+        f"backup complete: {len(written)} file{'s' if len(written) > 1 else ''}. To restore: stop"
+        " the server, copy each file back to the name it is a snapshot of, start the server."
+    )
     return 0
 
 

@@ -15,6 +15,7 @@ place that maps them to HTTP statuses and the JSON error shape.
     │   ├── OverloadedError ...... the ingest queue is full
     │   ├── ShuttingDownError .... the server is draining before exit
     │   └── StorageUnavailableError  the database could not commit (locked, full, read-only)
+    ├── BackupError .............. a backup cannot be written where asked (CLI)
     ├── CatalogError ............. a release could not be added or parsed (CLI)
     ├── SchemaError .............. the database file cannot be opened or is not one this
     │                              version can use
@@ -87,6 +88,10 @@ class ShuttingDownError(UnavailableError):
 
 class StorageUnavailableError(UnavailableError):
     """The database refused the write (locked, read-only, disk full, I/O error)."""
+
+
+class BackupError(TelemetryError):
+    """A backup cannot be written: its destination exists, is the database, or fails."""
 
 
 class CatalogError(TelemetryError):
