@@ -361,7 +361,10 @@ def _supervise(settings: Settings) -> int:
         started = 0
         while started < len(workers) and not stopping:
             try:
-                ready.get(timeout=0.2)
+                news = ready.get(timeout=0.2)
+                if isinstance(news, str):  # a worker could not start, and says why
+                    _stop_workers(workers, settings, code=1)
+                    raise TelemetryError(news)
                 started += 1
             except queue.Empty:
                 if any(not w.is_alive() for w in workers):
@@ -398,11 +401,16 @@ def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int)
     return code
 
 
-def _worker(settings: Settings, index: int, ready: multiprocessing.queues.Queue[int]) -> None:
-    """One worker process: serve on the shared port until SIGTERM (or SIGINT)."""
+def _worker(settings: Settings, index: int, ready: multiprocessing.queues.Queue[int | str]) -> None:
+    """One worker process: serve on the shared port until SIGTERM (or SIGINT). It reports
+    its index once it listens, or the one-line reason it could not start."""
     _configure_logging(settings)
-    with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
-        runner.run(serve(settings, lambda _: ready.put(index), worker=index, reuse_port=True))
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
+            runner.run(serve(settings, lambda _: ready.put(index), worker=index, reuse_port=True))
+    except (TelemetryError, OSError) as exc:
+        ready.put(f"worker {index}: {_describe(exc)}")
+        sys.exit(1)
 
 
 def _loop_factory(fast: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
