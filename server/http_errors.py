@@ -28,7 +28,6 @@ from typing import Any
 
 from aiohttp import hdrs, web, web_log
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_request import BaseRequest
 
 from .errors import (
     BodyTooLargeError,
@@ -130,7 +129,7 @@ class AccessLogger(web_log.AccessLogger):
     """aiohttp's access log in :data:`ACCESS_LOG_FORMAT`, without the requests aiohttp could
     not parse: :class:`ServerLog` counts those, a line each would let a client fill the log."""
 
-    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if request.method == _UNPARSED_METHOD and response.status == 400:
             return
         super().log(request, response, time)

@@ -102,7 +102,6 @@ async def test_a_backup_under_load_holds_every_report_acknowledged_before_it(
         for sidecar in (live.with_name(live.name + "-wal"), live.with_name(live.name + "-shm")):
             sidecar.unlink(missing_ok=True)
         shutil.copyfile(copy, live)
-    assert set(acked) - before  # the live database had more than the backup, now lost
     stats = server_cli("stats", "--db", str(db), "--json")
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["instances"] == len(backed_up)
