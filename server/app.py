@@ -188,9 +188,10 @@ class BackupFile:
 async def backup_database(
     settings: Settings, dest: Path, *, force: bool = False
 ) -> list[BackupFile]:
-    """Copy ``settings.db`` and every worker shard beside it to ``dest`` and its shard names
-    (see ``storage.backup_pairs``): each file a consistent snapshot, taken while the server
-    may be running, so that the copy is a database ``stats`` or ``serve`` can open as it is.
+    """Copy ``settings.db`` and every worker shard beside it to ``dest`` (a file, or a folder
+    to hold one of the database's name) and its shard names (see ``storage.backup_pairs``):
+    each file a consistent snapshot, taken while the server may be running, so that the copy
+    is a database ``stats`` or ``serve`` can open as it is.
 
     Nothing is created or migrated at the source. Each copy is written under a temporary name,
     flushed, then renamed into place: a failed backup never leaves a half-written file under a
@@ -199,6 +200,8 @@ async def backup_database(
     that a restore would pick up, already exists; :class:`SchemaError` when ``settings.db`` is
     not a database of this version.
     """
+    if dest.is_dir():  # a folder: the copy takes the database's own name in it
+        dest = dest / Path(settings.db).name
     pairs = backup_pairs(settings.db, dest)
     copies = {copy for _, copy in pairs}
     if {copy.resolve() for copy in copies} & {source.resolve() for source, _ in pairs}:

@@ -187,7 +187,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add_settings_flags(backup, environ, STORAGE_SETTINGS)
     backup.add_argument(
         "dest", type=Path, metavar="DEST",
-        help="file for the copy of the database; shard copies go beside it (DEST.worker1...)",
+        help="file (or folder) for the copy of the database; shard copies go beside it",
     )  # fmt: skip
     backup.add_argument("--force", action="store_true", help="overwrite an existing copy")
     backup.set_defaults(run=_run_backup)

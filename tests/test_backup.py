@@ -154,6 +154,13 @@ def test_backup_refuses_to_overwrite_unless_forced(
     assert instance_ids(dest) == {"instance-0"}
     assert not list(tmp_path.glob(".*partial"))
 
+    # A folder as DEST: the copy takes the database's name in it.
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    assert main(["backup", "--db", str(db), str(folder)]) == 0
+    assert f"wrote {folder / 't.db'} (" in capsys.readouterr().out
+    assert instance_ids(folder / "t.db") == {"instance-0"}
+
 
 def test_backup_neither_creates_nor_migrates_nor_overwrites_the_database(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
