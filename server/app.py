@@ -200,22 +200,7 @@ async def backup_database(
     that a restore would pick up, already exists; :class:`SchemaError` when ``settings.db`` is
     not a database of this version.
     """
-    if dest.is_dir():  # a folder: the copy takes the database's own name in it
-        dest = dest / Path(settings.db).name
-    pairs = backup_pairs(settings.db, dest)
-    copies = {copy for _, copy in pairs}
-    if {copy.resolve() for copy in copies} & {source.resolve() for source, _ in pairs}:
-        raise BackupError(f"{dest} is the database itself; choose another destination")
-    if not dest.parent.is_dir():
-        raise BackupError(f"{dest}: the directory {dest.parent} does not exist")
-    stale = [shard for shard in existing_shards(dest) if shard not in copies]
-    in_the_way = [
-        path for copy in [*copies, *stale] for path in (copy, *_sidecars(copy)) if path.exists()
-    ]
-    if in_the_way and not force:
-        names = ", ".join(str(path) for path in sorted(in_the_way))
-        raise BackupError(f"{names} already exist{'s' if len(in_the_way) == 1 else ''};"
-                          " choose another destination or give --force to overwrite")  # fmt: skip
+    pairs, stale = _plan_backup(Path(settings.db), dest, force=force)
     written = []
     for source, copy in pairs:
         temporary = copy.with_name(f".{copy.name}.partial")
@@ -232,8 +217,33 @@ async def backup_database(
     for shard in stale:
         for path in (shard, *_sidecars(shard)):
             path.unlink(missing_ok=True)
-    _sync_directory(dest.parent)
+    _sync_directory(pairs[0][1].parent)
     return written
+
+
+def _plan_backup(
+    db: Path, dest: Path, *, force: bool
+) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """The (file, copy) pairs of a backup of ``db`` to ``dest``, and the stale shard copies to
+    remove; raises :class:`BackupError` (see :func:`backup_database`). A few stat calls: not
+    worth a thread."""
+    if dest.is_dir():  # a folder: the copy takes the database's own name in it
+        dest = dest / db.name
+    pairs = backup_pairs(db, dest)
+    copies = {copy for _, copy in pairs}
+    if {copy.resolve() for copy in copies} & {source.resolve() for source, _ in pairs}:
+        raise BackupError(f"{dest} is the database itself; choose another destination")
+    if not dest.parent.is_dir():
+        raise BackupError(f"{dest}: the directory {dest.parent} does not exist")
+    stale = [shard for shard in existing_shards(dest) if shard not in copies]
+    in_the_way = [
+        path for copy in [*copies, *stale] for path in (copy, *_sidecars(copy)) if path.exists()
+    ]
+    if in_the_way and not force:
+        names = ", ".join(str(path) for path in sorted(in_the_way))
+        raise BackupError(f"{names} already exist{'s' if len(in_the_way) == 1 else ''};"
+                          " choose another destination or give --force to overwrite")  # fmt: skip
+    return pairs, stale
 
 
 def _sidecars(db: Path) -> tuple[Path, Path]:
