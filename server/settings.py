@@ -72,9 +72,11 @@ class Settings:
         1, "server processes sharing the port; each commits to its own database shard"
     )
     tls_cert: str = _knob(
-        "", "PEM certificate chain file: serve HTTPS directly (needs --tls-key; default: HTTP)"
+        "", "PEM certificate chain: serve HTTPS directly (needs --tls-key; unset: plain HTTP)"
     )
-    tls_key: str = _knob("", "PEM private key of --tls-cert (not encrypted; readable by us only)")
+    tls_key: str = _knob(
+        "", "PEM private key of --tls-cert, unencrypted, readable by the server only"
+    )
 
     def __post_init__(self) -> None:
         problems = []
