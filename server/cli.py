@@ -14,9 +14,7 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.queues
 import os
-import queue
 import signal
 import socket
 import sys
@@ -342,9 +340,11 @@ def _supervise(settings: Settings) -> int:
         reserved.bind((settings.host, 0))
         settings = replace(settings, port=reserved.getsockname()[1])
     context = multiprocessing.get_context("spawn")
-    ready = context.Queue()
+    # One pipe per worker for its "listening" (or why it could not start): no lock shared
+    # between processes, so a worker stopped at any moment cannot block another's message.
+    pipes = [context.Pipe(duplex=False) for _ in range(settings.workers)]
     workers = [
-        context.Process(target=_worker, args=(settings, index, ready),
+        context.Process(target=_worker, args=(settings, index, pipes[index][1]),
                         name=f"worker{index}", daemon=True)
         for index in range(settings.workers)
     ]  # fmt: skip
@@ -358,18 +358,22 @@ def _supervise(settings: Settings) -> int:
     try:
         for worker in workers:
             worker.start()
+        for _, sender in pipes:
+            sender.close()  # the worker holds its end; ours would hide its exit from recv()
+        waiting = {receiver: index for index, (receiver, _) in enumerate(pipes)}
         started = 0
-        while started < len(workers) and not stopping:
-            try:
-                news = ready.get(timeout=0.2)
+        while waiting and not stopping:
+            readable = multiprocessing.connection.wait(list(waiting), timeout=0.2)
+            for receiver in [r for r in waiting if r in readable]:
+                index = waiting.pop(receiver)
+                try:
+                    news = receiver.recv()
+                except EOFError:
+                    news = f"worker {index} exited while starting"
                 if isinstance(news, str):  # a worker could not start, and says why
                     _stop_workers(workers, settings, code=1)
                     raise TelemetryError(news)
                 started += 1
-            except queue.Empty:
-                if any(not w.is_alive() for w in workers):
-                    logger.error("a worker failed to start")
-                    return _stop_workers(workers, settings, code=1)
         if started == len(workers):
             _print_ready(f"{_scheme(settings)}://{settings.host}:{settings.port}{settings.prefix}")
         while not stopping:
@@ -401,16 +405,18 @@ def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int)
     return code
 
 
-def _worker(settings: Settings, index: int, ready: multiprocessing.queues.Queue[int | str]) -> None:
-    """One worker process: serve on the shared port until SIGTERM (or SIGINT). It reports
-    its index once it listens, or the one-line reason it could not start."""
+def _worker(settings: Settings, index: int, ready: multiprocessing.connection.Connection) -> None:
+    """One worker process: serve on the shared port until SIGTERM (or SIGINT). It sends its
+    index once it listens, or the one-line reason it could not start."""
     _configure_logging(settings)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
-            runner.run(serve(settings, lambda _: ready.put(index), worker=index, reuse_port=True))
+            runner.run(serve(settings, lambda _: ready.send(index), worker=index, reuse_port=True))
     except (TelemetryError, OSError) as exc:
-        ready.put(f"worker {index}: {_describe(exc)}")
+        ready.send(f"worker {index}: {_describe(exc)}")
         sys.exit(1)
+    finally:
+        ready.close()
 
 
 def _loop_factory(fast: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
