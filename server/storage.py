@@ -251,6 +251,7 @@ class Storage:
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             if migrate:
+                await _refuse_newer(conn, path)  # before WAL: refused means left as it was
                 await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_checkpoint_pages)}")
             await conn.execute(f"PRAGMA synchronous = {_checked_synchronous(synchronous)}")
@@ -634,6 +635,20 @@ async def _check_current(conn: aiosqlite.Connection, path: str | Path) -> None:
         )
 
 
+async def _refuse_newer(
+    conn: aiosqlite.Connection,
+    path: str | Path,
+    migrations: Sequence[Sequence[str]] = MIGRATIONS,
+) -> None:
+    """Raise :class:`SchemaError` for a database migrated by a newer version."""
+    version, target = await _user_version(conn), len(migrations)
+    if version > target:
+        raise SchemaError(
+            f"{path} has schema version {version}, newer than this version's {target};"
+            " upgrade opa-telemetry"
+        )
+
+
 async def _user_version(conn: aiosqlite.Connection) -> int:
     async with conn.execute("PRAGMA user_version") as cursor:
         row = await cursor.fetchone()
@@ -648,12 +663,7 @@ async def _migrate(
     Safe when several processes start at once: each step re-reads the version under the write
     lock. Raises :class:`SchemaError` for a database newer than ``migrations``.
     """
-    target = len(migrations)
-    if await _user_version(conn) > target:
-        raise SchemaError(
-            f"database schema version {await _user_version(conn)} is newer than this"
-            f" server's ({target}); upgrade opa-telemetry"
-        )
+    await _refuse_newer(conn, "database", migrations)
     for number, statements in enumerate(migrations, start=1):
         await conn.execute("BEGIN IMMEDIATE")
         try:

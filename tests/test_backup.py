@@ -212,10 +212,12 @@ def test_serve_refuses_a_database_from_a_newer_version(tmp_path: Path) -> None:
     make_database(db)
     with sqlite3.connect(db) as conn:
         conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+        conn.execute("PRAGMA journal_mode = DELETE")  # a newer version's choice, say
     result = server_cli("serve", "--db", str(db), "--port", "0")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
-    assert "is newer than this server's" in result.stderr and "upgrade" in result.stderr
+    assert "newer than this version's" in result.stderr and "upgrade" in result.stderr
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS) + 1,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # left as it was
     assert instance_ids(db) == {"instance-0"}
