@@ -29,7 +29,7 @@ import aiosqlite
 
 from .advisories import Advisory, advisory_from_osv
 from .codec import json_codec
-from .errors import CatalogError, SchemaError, StorageUnavailableError
+from .errors import BackupError, CatalogError, SchemaError, StorageUnavailableError
 from .migrations import MIGRATIONS
 from .policy import Policy
 from .protocol import Report
@@ -180,6 +180,17 @@ class SyncState:
     retry_after_at: int | None = None
 
 
+def backup_pairs(db: str | Path, dest: str | Path) -> list[tuple[Path, Path]]:
+    """(file, copy) for a backup of ``db`` to ``dest``: the main file to ``dest``, each existing
+    worker shard to ``dest``'s shard of the same number, so the copy is a database like ``db``."""
+    db, dest = Path(db), Path(dest)
+    pairs = [(db, dest)]
+    for shard in existing_shards(db):
+        number = int(shard.name[len(db.stem) + len(".worker") : len(shard.name) - len(db.suffix)])
+        pairs.append((shard, shard_path(dest, number)))
+    return pairs
+
+
 @dataclass
 class PurgeResult:
     days: int = 0
@@ -266,6 +277,7 @@ class Storage:
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             if migrate:
+                await _refuse_newer(conn, path)  # before WAL: refused means left as it was
                 await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_checkpoint_pages)}")
             await conn.execute(f"PRAGMA synchronous = {_checked_synchronous(synchronous)}")
@@ -293,6 +305,21 @@ class Storage:
                 await cursor.fetchone()
         except (sqlite3.Error, ValueError) as exc:
             raise StorageUnavailableError(f"database does not answer: {exc}") from exc
+
+    async def backup(self, dest: Path) -> int:
+        """Write a consistent snapshot of this database to the new file ``dest`` and flush it
+        to disk; returns its size in bytes.
+
+        ``VACUUM INTO`` copies the database as one read transaction sees it (what is still in
+        the WAL included) and takes no write lock: the server may go on writing meanwhile.
+        Raises :class:`BackupError` if ``dest`` exists or cannot be written.
+        """
+        try:
+            await self._conn.execute("VACUUM INTO ?", (str(dest),))
+        except sqlite3.Error as exc:
+            raise BackupError(f"cannot back up {self.path} to {dest}: {exc}") from None
+        # SQLite does not sync what VACUUM INTO wrote; a backup must survive a power cut.
+        return await asyncio.to_thread(_synced_size, dest)
 
     async def schema_version(self) -> int:
         return await _user_version(self._conn)
@@ -778,6 +805,16 @@ def _percentile(values: list[int], percent: float) -> int | None:
     return ordered[rank - 1]
 
 
+def _synced_size(path: Path) -> int:
+    """Flush ``path`` to disk; its size in bytes."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        return os.fstat(descriptor).st_size
+    finally:
+        os.close(descriptor)
+
+
 def _checked_synchronous(value: str) -> str:
     if value.lower() not in ("off", "normal", "full", "extra"):
         raise ValueError(f"synchronous must be off, normal, full or extra, not {value!r}")
@@ -856,6 +893,20 @@ async def _connect(uri: str) -> aiosqlite.Connection:
         raise
 
 
+async def _refuse_newer(
+    conn: aiosqlite.Connection,
+    path: str | Path,
+    migrations: Sequence[Sequence[str]] = MIGRATIONS,
+) -> None:
+    """Raise :class:`SchemaError` for a database migrated by a newer version."""
+    version, target = await _user_version(conn), len(migrations)
+    if version > target:
+        raise SchemaError(
+            f"{path} has schema version {version}, newer than this version's {target};"
+            " upgrade opa-telemetry"
+        )
+
+
 async def _user_version(conn: aiosqlite.Connection) -> int:
     async with conn.execute("PRAGMA user_version") as cursor:
         row = await cursor.fetchone()
@@ -870,12 +921,7 @@ async def _migrate(
     Safe when several processes start at once: each step re-reads the version under the write
     lock. Raises :class:`SchemaError` for a database newer than ``migrations``.
     """
-    target = len(migrations)
-    if await _user_version(conn) > target:
-        raise SchemaError(
-            f"database schema version {await _user_version(conn)} is newer than this"
-            f" server's ({target}); upgrade opa-telemetry"
-        )
+    await _refuse_newer(conn, "database", migrations)
     for number, statements in enumerate(migrations, start=1):
         await conn.execute("BEGIN IMMEDIATE")
         try:
