@@ -14,6 +14,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
      handlers.get_release_assets),
     ("GET", "/healthz", handlers.get_health),
     ("GET", "/readyz", handlers.get_readiness),
+    ("GET", "/openapi.json", handlers.get_openapi),  # describes every route: keep it true
 )  # fmt: skip
 
 
@@ -32,4 +33,5 @@ def setup_routes(app: web.Application, prefix: str = "") -> None:
     for method, path, _ in ROUTES:
         allowed = ["GET", "HEAD"] if method == "GET" else [method]
         router.add_route("*", prefix + path, json_errors(method_not_allowed(allowed)))
-    router.add_route("*", "/{tail:.*}", json_errors(not_found))
+    # [\s\S], not ".": a path may hold an encoded newline (%0A), and "." stops at it.
+    router.add_route("*", "/{tail:[\\s\\S]*}", json_errors(not_found))
