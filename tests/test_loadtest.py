@@ -405,3 +405,12 @@ def test_console_script_entry_point_runs_the_load_tester(
         loadtest_main(["--help"])
     assert exited.value.code == 0
     assert "--new-connection" in capsys.readouterr().out
+
+
+def test_readme_load_testing_section_names_every_option() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Load testing") : readme.index("## Performance")]
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option != "--help":
+                assert f"`{option}" in section, f"{option} is not in the README's Load testing"
