@@ -291,6 +291,11 @@ async def test_new_connection_sends_each_request_on_its_own_connection(
     assert fresh.succeeded == 30 and fresh.errors == {}
     assert len({peer for peer, _ in seen}) == 30
     assert {header for _, header in seen} == {"close"}
+    seen.clear()
+    open_loop = LoadConfig(target_of(server), concurrency=3, rate=500, requests=20,
+                           duration=None, new_connection=True)  # fmt: skip
+    scheduled = await run_load(open_loop)
+    assert scheduled.succeeded == 20 and len({peer for peer, _ in seen}) == 20
 
 
 async def test_new_connection_load_on_the_real_server_stores_every_acknowledged_report(
