@@ -31,13 +31,20 @@ from typing import Any, NoReturn, TypeVar
 from aiohttp import web
 
 from . import __version__
-from .app import create_app, open_storage, prepare_database, purge_expired, runner_options
+from .app import (
+    backup_database,
+    create_app,
+    open_storage,
+    prepare_database,
+    purge_expired,
+    runner_options,
+)
 from .errors import CatalogError, TelemetryError, UsageError
-from .http_errors import ACCESS_LOG_FORMAT
 from .protocol import DEFAULT_PRODUCT
 from .releases import Release, release_from_mapping, releases_from_json
 from .settings import Settings, env_name
 from .storage import Day, PurgeResult, Stats, Storage, existing_shards
+from .tls import server_tls_context
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -173,6 +180,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="only print what would be rolled up and deleted"
     )
     purge.set_defaults(run=_run_purge)
+
+    backup = commands.add_parser(
+        "backup", help="copy the database and its worker shards, safely while the server runs"
+    )
+    add_settings_flags(backup, environ, STORAGE_SETTINGS)
+    backup.add_argument(
+        "dest", type=Path, metavar="DEST",
+        help="file (or folder) for the copy of the database; shard copies go beside it",
+    )  # fmt: skip
+    backup.add_argument("--force", action="store_true", help="overwrite an existing copy")
+    backup.set_defaults(run=_run_backup)
     return parser
 
 
@@ -315,6 +333,7 @@ def _supervise(settings: Settings) -> int:
     every worker exited cleanly after SIGINT/SIGTERM, 1 if one died on its own (the others are
     then stopped too, so a process manager can restart the whole server).
     """
+    server_tls_context(settings)  # each worker loads its own; a bad file stops us here, once
     asyncio.run(prepare_database(settings))
     reserved = None
     if settings.port == 0:  # pick the port here so that every worker binds the same one
@@ -352,7 +371,7 @@ def _supervise(settings: Settings) -> int:
                     logger.error("a worker failed to start")
                     return _stop_workers(workers, settings, code=1)
         if started == len(workers):
-            _print_ready(f"http://{settings.host}:{settings.port}{settings.prefix}")
+            _print_ready(f"{_scheme(settings)}://{settings.host}:{settings.port}{settings.prefix}")
         while not stopping:
             multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.5)
             if not stopping and any(not w.is_alive() for w in workers):
@@ -414,8 +433,10 @@ async def serve(
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting, drain the queue and return.
 
-    ``ready`` receives the base URL once the socket listens (default: print it).
+    ``ready`` receives the base URL once the socket listens (default: print it): ``https://``
+    when ``settings`` name a TLS certificate (raises :class:`TlsError` if it cannot be used).
     """
+    tls = server_tls_context(settings)  # before anything else: a bad file is a one-line error
     # Handlers first: a SIGTERM that arrives while we start (or right after "listening") must
     # still mean "drain and exit 0", never the default of dying on the spot.
     stop = asyncio.Event()
@@ -427,17 +448,18 @@ async def serve(
         runner = web.AppRunner(
             app,
             handle_signals=False,
-            access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-            access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=settings.shutdown_timeout,
             **runner_options(settings),
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+            site = web.TCPSite(
+                runner, settings.host, settings.port, ssl_context=tls,
+                reuse_port=reuse_port or None,
+            )  # fmt: skip
             await site.start()
             host, port = runner.addresses[0][:2]
-            (ready or _print_ready)(f"http://{host}:{port}{settings.prefix}")
+            (ready or _print_ready)(f"{_scheme(settings)}://{host}:{port}{settings.prefix}")
             await stop.wait()
             logger.info("shutting down: finishing in-flight requests")
         finally:
@@ -446,6 +468,10 @@ async def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     logger.info("stopped")
+
+
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.tls_cert else "http"
 
 
 def _print_ready(url: str) -> None:
@@ -583,6 +609,18 @@ def _run_purge(args: argparse.Namespace) -> int:
     result = asyncio.run(purge_expired(settings, announce=announce, dry_run=args.dry_run))
     if result.days:
         print(f"{result.days} days rolled up, {result.rows_deleted} raw rows deleted")
+    return 0
+
+
+def _run_backup(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    written = asyncio.run(backup_database(settings, args.dest, force=args.force))
+    for file in written:
+        print(f"wrote {file.copy} ({file.size} bytes), a snapshot of {file.source}")
+    print(
+        f"backup complete: {len(written)} file{'s' if len(written) > 1 else ''}. To restore: stop"
+        " the server, copy each file back to the name it is a snapshot of, start the server."
+    )
     return 0
 
 

@@ -71,6 +71,12 @@ class Settings:
     workers: int = _knob(
         1, "server processes sharing the port; each commits to its own database shard"
     )
+    tls_cert: str = _knob(
+        "", "PEM certificate chain: serve HTTPS directly (needs --tls-key; unset: plain HTTP)"
+    )
+    tls_key: str = _knob(
+        "", "PEM private key of --tls-cert, unencrypted, readable by the server only"
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -86,6 +92,8 @@ class Settings:
             problems.append("retention_days >= 0, purge_interval > 0, extra_max_bytes >= 2")
         if self.rate_limit < 0 or self.rate_burst < 1:
             problems.append("rate_limit must be >= 0 and rate_burst >= 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together: give both or neither")
         if not 1 <= self.workers <= MAX_WORKERS:
             problems.append(f"workers must be 1-{MAX_WORKERS}")
         for name in (

@@ -8,6 +8,7 @@ HTTP layer turns into a 503 with ``Retry-After``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -26,7 +27,7 @@ from urllib.parse import quote
 import aiosqlite
 
 from .codec import json_codec
-from .errors import CatalogError, SchemaError, StorageUnavailableError
+from .errors import BackupError, CatalogError, SchemaError, StorageUnavailableError
 from .migrations import MIGRATIONS
 from .protocol import Report
 from .releases import Catalog, Release, release_from_mapping
@@ -153,6 +154,17 @@ def existing_shards(db: str | Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(f"{path.stem}.worker*") if pattern.match(p.name))
 
 
+def backup_pairs(db: str | Path, dest: str | Path) -> list[tuple[Path, Path]]:
+    """(file, copy) for a backup of ``db`` to ``dest``: the main file to ``dest``, each existing
+    worker shard to ``dest``'s shard of the same number, so the copy is a database like ``db``."""
+    db, dest = Path(db), Path(dest)
+    pairs = [(db, dest)]
+    for shard in existing_shards(db):
+        number = int(shard.name[len(db.stem) + len(".worker") : len(shard.name) - len(db.suffix)])
+        pairs.append((shard, shard_path(dest, number)))
+    return pairs
+
+
 @dataclass
 class PurgeResult:
     days: int = 0
@@ -266,6 +278,21 @@ class Storage:
                 await cursor.fetchone()
         except (sqlite3.Error, ValueError) as exc:
             raise StorageUnavailableError(f"database does not answer: {exc}") from exc
+
+    async def backup(self, dest: Path) -> int:
+        """Write a consistent snapshot of this database to the new file ``dest`` and flush it
+        to disk; returns its size in bytes.
+
+        ``VACUUM INTO`` copies the database as one read transaction sees it (what is still in
+        the WAL included) and takes no write lock: the server may go on writing meanwhile.
+        Raises :class:`BackupError` if ``dest`` exists or cannot be written.
+        """
+        try:
+            await self._conn.execute("VACUUM INTO ?", (str(dest),))
+        except sqlite3.Error as exc:
+            raise BackupError(f"cannot back up {self.path} to {dest}: {exc}") from None
+        # SQLite does not sync what VACUUM INTO wrote; a backup must survive a power cut.
+        return await asyncio.to_thread(_synced_size, dest)
 
     async def schema_version(self) -> int:
         return await _user_version(self._conn)
@@ -531,6 +558,16 @@ def _percentile(values: list[int], percent: float) -> int | None:
     ordered = sorted(values)
     rank = max(1, math.ceil(percent / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+def _synced_size(path: Path) -> int:
+    """Flush ``path`` to disk; its size in bytes."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        return os.fstat(descriptor).st_size
+    finally:
+        os.close(descriptor)
 
 
 def _checked_synchronous(value: str) -> str:
