@@ -18,6 +18,7 @@ from .errors import (
     UnsupportedMediaTypeError,
 )
 from .http_errors import error_answer
+from .openapi import openapi_json
 from .protocol import parse_report, parse_user_agent, product_slug
 from .releases import Release
 
@@ -122,6 +123,12 @@ async def get_readiness(request: web.Request) -> web.Response:
     await request.app[STORAGE].ping()
     ingest = request.app[INTAKE].ingest
     return _json(request, {"status": "ready", "pending": ingest.pending + ingest.writing})
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI 3.1 description of every route (open, no auth)."""
+    body = openapi_json(request.app[SETTINGS].prefix)
+    return web.Response(body=body, content_type="application/json")
 
 
 def _check_rate(request: web.Request, intake: Intake) -> None:

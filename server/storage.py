@@ -766,8 +766,16 @@ class Storage:
         sources = ["main"]
         try:
             for number, shard in enumerate(shards, start=1):
-                await self._conn.execute(f"ATTACH DATABASE ? AS shard{number}", (str(shard),))
-                sources.append(f"shard{number}")
+                name = f"shard{number}"
+                await self._conn.execute(f"ATTACH DATABASE ? AS {name}", (str(shard),))
+                async with self._conn.execute(f"PRAGMA {name}.user_version") as cursor:
+                    row = await cursor.fetchone()
+                if not row or row[0] != len(MIGRATIONS):
+                    # A worker that is still creating its shard has committed nothing yet.
+                    await self._conn.execute(f"DETACH DATABASE {name}")
+                    logger.debug("%s is not migrated yet; left out", shard)
+                    continue
+                sources.append(name)
             for table in ("reports", "version_checks"):
                 # Schema and table names are ours (main, shardN; two constants), never input.
                 union = " UNION ALL ".join(f"SELECT * FROM {s}.{table}" for s in sources)  # noqa: S608
