@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import zlib
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -78,7 +79,8 @@ async def get_releases(request: web.Request) -> web.StreamResponse:
     page = _query_int(request, "page", 1, 10**6)
     catalog = intake.catalog.catalog
     releases = [r for r in catalog.releases(product) if not catalog.is_yanked(product, r.tag)]
-    etag = f'"{intake.catalog.generation}-{product}-{per_page}-{page}"'
+    # The product is hashed: a repo name from the URL never reaches a header as it is.
+    etag = f'"{intake.catalog.generation}-{zlib.crc32(product.encode()):08x}-{per_page}-{page}"'
     if etag in request.headers.get(hdrs.IF_NONE_MATCH, ""):
         return web.Response(status=304, headers={hdrs.ETAG: etag})
     start = (page - 1) * per_page

@@ -346,3 +346,14 @@ async def test_the_server_loop_waits_as_long_as_upstream_asked(
         assert await _sync_once(open_storage, target(api, token=TOKEN), client) == 0
         assert len(fake.requests) == 1
     assert "rate limited (429); retry in 120s" in caplog.text and TOKEN not in caplog.text
+
+
+async def test_a_repo_name_with_control_characters_never_reaches_a_header(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    # Found by schemathesis: the ETag carried the product taken from the URL, and a vertical
+    # tab in a header made aiohttp drop the connection instead of answering.
+    client = await aiohttp_client(create_app(make_settings(tmp_path)))
+    response = await client.get("/repos/%08x/%0B/releases?page=2")
+    assert response.status == 200 and await response.json() == []
+    assert response.headers["ETag"].isprintable()
