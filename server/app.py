@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -13,17 +15,20 @@ from typing import Any
 
 from aiohttp import web
 
+from .advisories import bundled_advisories
 from .appkeys import CODEC, INTAKE, REPOS, SETTINGS, STORAGE, Intake
 from .catalog import CatalogCache
 from .codec import json_codec
-from .http_errors import install_address_redaction
+from .errors import BackupError
+from .http_errors import logging_options
 from .ingest import Ingest
 from .protocol import DEFAULT_PRODUCT
 from .ratelimit import RateLimiter
 from .releases import bundled_releases
 from .routes import setup_routes
 from .settings import Settings
-from .storage import PurgeResult, Storage, existing_shards, shard_path
+from .storage import PurgeResult, Storage, backup_pairs, existing_shards, shard_path
+from .sync import run_sync, sync_target
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +47,11 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     a connection still waiting for a complete request when it fires: so a client trickling its
     headers is cut off after ``read_timeout``. (Bodies are bounded in ``handlers``.) Request
     bodies are never decompressed: OPA does not compress them, and inflating one would happen
-    before the size cap.
+    before the size cap. aiohttp's logging of requests it refuses is bounded and never names
+    the client (``http_errors.logging_options``).
     """
     return {
+        **logging_options(settings.access_log),
         "keepalive_timeout": settings.read_timeout,
         "max_line_size": MAX_LINE_SIZE,
         "max_field_size": MAX_FIELD_SIZE,
@@ -59,7 +66,6 @@ def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
     ``worker`` numbers the process among ``settings.workers``: worker 0 commits reports to the
     main database, worker N to its own shard beside it (see ``storage.shard_path``).
     """
-    install_address_redaction()
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[CODEC] = json_codec(settings.fast)
@@ -88,6 +94,11 @@ async def prepare_database(settings: Settings) -> None:
             added = await storage.seed_catalog(DEFAULT_PRODUCT, bundled_releases())
             if added:
                 logger.info("release catalog seeded with %d bundled OPA releases", added)
+            added, _ = await storage.import_advisories(
+                DEFAULT_PRODUCT, bundled_advisories(), seed=True
+            )
+            if added:
+                logger.info("advisories seeded with %d bundled OPA advisories", added)
     finally:
         await storage.close()
 
@@ -128,6 +139,13 @@ async def _databases(app: web.Application, worker: int) -> AsyncIterator[None]:
         writer = asyncio.create_task(ingest.run(), name="opa-telemetry-writer")
         refresher = asyncio.create_task(cache.run(), name="opa-telemetry-catalog-refresh")
         stack.push_async_callback(_cancel, refresher)
+        if worker == 0 and settings.sync_interval:
+            syncing = asyncio.create_task(
+                run_sync(partial(open_storage, settings, settings.db), [sync_target(settings)],
+                         settings.sync_interval),
+                name="opa-telemetry-sync",
+            )  # fmt: skip
+            stack.push_async_callback(_cancel, syncing)
         if worker == 0 and settings.retention_days:
             retention = asyncio.create_task(_retention(settings), name="opa-telemetry-retention")
             stack.push_async_callback(_cancel, retention)
@@ -172,6 +190,88 @@ async def purge_expired(
         return await storage.roll_up_and_purge(before, shards)
     finally:
         await storage.close()
+
+
+@dataclass(frozen=True, slots=True)
+class BackupFile:
+    source: Path
+    copy: Path
+    size: int  # bytes
+
+
+async def backup_database(
+    settings: Settings, dest: Path, *, force: bool = False
+) -> list[BackupFile]:
+    """Copy ``settings.db`` and every worker shard beside it to ``dest`` (a file, or a folder
+    to hold one of the database's name) and its shard names (see ``storage.backup_pairs``):
+    each file a consistent snapshot, taken while the server may be running, so that the copy
+    is a database ``stats`` or ``serve`` can open as it is.
+
+    Nothing is created or migrated at the source. Each copy is written under a temporary name,
+    flushed, then renamed into place: a failed backup never leaves a half-written file under a
+    copy's name. Raises :class:`BackupError` when ``dest`` is the database itself, its folder
+    is missing, or (without ``force``) a file the backup would write, or a stale shard copy
+    that a restore would pick up, already exists; :class:`SchemaError` when ``settings.db`` is
+    not a database of this version.
+    """
+    pairs, stale = _plan_backup(Path(settings.db), dest, force=force)
+    written = []
+    for source, copy in pairs:
+        temporary = copy.with_name(f".{copy.name}.partial")
+        temporary.unlink(missing_ok=True)  # left by a backup that was killed
+        storage = await open_storage(settings, source, migrate=False)
+        try:
+            size = await storage.backup(temporary)
+        finally:
+            await storage.close()
+        for sidecar in _sidecars(copy):  # an old -wal would be replayed over the new copy
+            sidecar.unlink(missing_ok=True)
+        os.replace(temporary, copy)
+        written.append(BackupFile(source, copy, size))
+    for shard in stale:
+        for path in (shard, *_sidecars(shard)):
+            path.unlink(missing_ok=True)
+    _sync_directory(pairs[0][1].parent)
+    return written
+
+
+def _plan_backup(
+    db: Path, dest: Path, *, force: bool
+) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """The (file, copy) pairs of a backup of ``db`` to ``dest``, and the stale shard copies to
+    remove; raises :class:`BackupError` (see :func:`backup_database`). A few stat calls: not
+    worth a thread."""
+    if dest.is_dir():  # a folder: the copy takes the database's own name in it
+        dest = dest / db.name
+    pairs = backup_pairs(db, dest)
+    copies = {copy for _, copy in pairs}
+    if {copy.resolve() for copy in copies} & {source.resolve() for source, _ in pairs}:
+        raise BackupError(f"{dest} is the database itself; choose another destination")
+    if not dest.parent.is_dir():
+        raise BackupError(f"{dest}: the directory {dest.parent} does not exist")
+    stale = [shard for shard in existing_shards(dest) if shard not in copies]
+    in_the_way = [
+        path for copy in [*copies, *stale] for path in (copy, *_sidecars(copy)) if path.exists()
+    ]
+    if in_the_way and not force:
+        names = ", ".join(str(path) for path in sorted(in_the_way))
+        raise BackupError(f"{names} already exist{'s' if len(in_the_way) == 1 else ''};"
+                          " choose another destination or give --force to overwrite")  # fmt: skip
+    return pairs, stale
+
+
+def _sidecars(db: Path) -> tuple[Path, Path]:
+    """SQLite's files beside a database in WAL mode."""
+    return db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+
+
+def _sync_directory(folder: Path) -> None:
+    """Flush a folder's entries (the renames) to disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 async def _retention(settings: Settings) -> None:

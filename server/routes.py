@@ -7,13 +7,16 @@ from aiohttp import web
 from . import handlers
 from .http_errors import Handler, json_errors, method_not_allowed, not_found
 
+# Each route is described in openapi.json (tests/test_openapi.py fails otherwise).
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/v1/version", handlers.post_version),
+    ("GET", "/repos/{owner}/{repo}/releases", handlers.get_releases),
     ("GET", "/repos/{owner}/{repo}/releases/latest", handlers.get_latest_release),
     ("GET", "/repos/{owner}/{repo}/releases/{release_id:\\d{1,18}}/assets",
      handlers.get_release_assets),
     ("GET", "/healthz", handlers.get_health),
     ("GET", "/readyz", handlers.get_readiness),
+    ("GET", "/openapi.json", handlers.get_openapi),
 )  # fmt: skip
 
 
@@ -32,4 +35,5 @@ def setup_routes(app: web.Application, prefix: str = "") -> None:
     for method, path, _ in ROUTES:
         allowed = ["GET", "HEAD"] if method == "GET" else [method]
         router.add_route("*", prefix + path, json_errors(method_not_allowed(allowed)))
-    router.add_route("*", "/{tail:.*}", json_errors(not_found))
+    # [\s\S], not ".": a path may hold an encoded newline (%0A), and "." stops at it.
+    router.add_route("*", "/{tail:[\\s\\S]*}", json_errors(not_found))

@@ -13,7 +13,7 @@ import pytest
 
 from opa_telemetry_server.app import create_app, purge_expired
 from opa_telemetry_server.cli import main
-from opa_telemetry_server.migrations import SCHEMA_V1
+from opa_telemetry_server.migrations import MIGRATIONS, SCHEMA_V1
 from opa_telemetry_server.protocol import ClientInfo, parse_report
 from opa_telemetry_server.storage import Storage, existing_shards, shard_path
 
@@ -60,7 +60,7 @@ async def test_a_version_1_database_with_data_migrates_to_version_2(tmp_path: Pa
         )
     storage = await Storage.open(path)
     try:
-        assert await storage.schema_version() == 2
+        assert await storage.schema_version() == len(MIGRATIONS)
     finally:
         await storage.close()
     with sqlite3.connect(path) as conn:
