@@ -21,24 +21,30 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from .advisories import Advisory
 from .errors import CatalogError, SchemaError, StorageUnavailableError
 from .protocol import Report
-from .releases import Catalog, Release, release_from_mapping
+from .releases import Release
 from .storage import (
+    SELECT_PRODUCT_POLICIES_SQL,
+    SELECT_RELEASE_POLICIES_SQL,
+    CatalogParts,
     Day,
     PlatformCount,
     PurgeResult,
     Stats,
+    SyncState,
     VersionCount,
+    catalog_parts,
     utc_day,
 )
 from .versions import parse_version
@@ -115,6 +121,54 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
         """
+        CREATE TABLE product_policies (
+            product text PRIMARY KEY,
+            pinned_tag text,
+            min_version text,
+            support_notice text,
+            updated_at bigint NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE release_policies (
+            product text NOT NULL,
+            tag text NOT NULL,
+            yanked boolean NOT NULL DEFAULT false,
+            yank_reason text NOT NULL DEFAULT '',
+            rollout_percent integer,
+            updated_at bigint NOT NULL,
+            PRIMARY KEY (product, tag)
+        )
+        """,
+        """
+        CREATE TABLE advisories (
+            product text NOT NULL,
+            id text NOT NULL,
+            record text NOT NULL,
+            added_at bigint NOT NULL,
+            PRIMARY KEY (product, id)
+        )
+        """,
+        """
+        CREATE TABLE sync_state (
+            product text PRIMARY KEY,
+            source text NOT NULL,
+            etag text,
+            last_attempt_at bigint,
+            last_success_at bigint,
+            last_error text,
+            last_error_at bigint,
+            retry_after_at bigint
+        )
+        """,
+        *(
+            f"""
+            CREATE TRIGGER {table}_changed AFTER INSERT OR UPDATE OR DELETE
+            ON {table} FOR EACH ROW EXECUTE FUNCTION bump_catalog_generation()
+            """
+            for table in ("product_policies", "release_policies", "advisories")
+        ),
+        """
         CREATE TABLE daily_rollups (
             product text NOT NULL,
             day date NOT NULL,
@@ -172,6 +226,10 @@ INSERT INTO releases (product, tag, release_notes, assets, published_on, prerele
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (product, tag) DO NOTHING
 """
+
+SELECT_SYNC_STATE_SQL = """
+SELECT product, source, etag, last_attempt_at, last_success_at, last_error, last_error_at,
+       retry_after_at FROM sync_state"""
 
 UPDATE_RELEASE_SQL = """
 UPDATE releases SET release_notes = $3, assets = $4, published_on = $5, prerelease = $6
@@ -376,11 +434,156 @@ class PostgresStorage:
         value = await self._pool.fetchval("SELECT value FROM meta WHERE key = 'catalog_generation'")
         return int(value or 0)
 
-    async def load_catalog(self) -> Catalog:
-        rows = await self._pool.fetch(
-            "SELECT id, product, tag, release_notes, assets, published_on, prerelease FROM releases"
+    async def load_catalog_parts(self) -> CatalogParts:
+        """Read every product's releases, policy and advisories (see ``catalog_parts``)."""
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            releases = await conn.fetch(
+                "SELECT id, product, tag, release_notes, assets, published_on::text, prerelease"
+                " FROM releases"
+            )
+            product_policies = await conn.fetch(SELECT_PRODUCT_POLICIES_SQL)
+            release_policies = await conn.fetch(SELECT_RELEASE_POLICIES_SQL)
+            advisories = await conn.fetch("SELECT product, id, record FROM advisories")
+        return catalog_parts(releases, product_policies, release_policies, advisories)
+
+    async def set_product_policy(self, product: str, **changes: str | None) -> None:
+        """Set ``pinned_tag``, ``min_version`` and/or ``support_notice`` (``None`` clears)."""
+        allowed = ("pinned_tag", "min_version", "support_notice")
+        if not changes or set(changes) - set(allowed):
+            raise ValueError(f"policy fields are {sorted(allowed)}")
+        # Untouched fields keep their value: each column is set from $n or left as it is.
+        given = [name in changes for name in allowed]
+        values = [changes.get(name) for name in allowed]
+        await self._pool.execute(
+            """
+            INSERT INTO product_policies AS p (product, pinned_tag, min_version,
+                                               support_notice, updated_at)
+            VALUES ($1, $2, $3, $4, $8)
+            ON CONFLICT (product) DO UPDATE SET
+                pinned_tag = CASE WHEN $5 THEN excluded.pinned_tag ELSE p.pinned_tag END,
+                min_version = CASE WHEN $6 THEN excluded.min_version ELSE p.min_version END,
+                support_notice = CASE WHEN $7 THEN excluded.support_notice
+                                      ELSE p.support_notice END,
+                updated_at = excluded.updated_at
+            """,
+            product, *values, *given, int(time.time()),
+        )  # fmt: skip
+
+    async def set_release_policy(
+        self,
+        product: str,
+        tag: str,
+        *,
+        yanked: bool | None = None,
+        reason: str | None = None,
+        rollout_percent: int | EllipsisType | None = ...,
+    ) -> bool:
+        """Yank/unyank a release or set its rollout (``None``: fully rolled out); returns
+        whether anything changed; :class:`CatalogError` if ``tag`` is not in the catalog."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(
+                "SELECT 1 FROM releases WHERE product = $1 AND tag = $2", product, tag
+            ):
+                raise CatalogError(f"{product} {tag} is not in the catalog")
+            row = await conn.fetchrow(
+                "SELECT yanked, yank_reason, rollout_percent FROM release_policies"
+                " WHERE product = $1 AND tag = $2 FOR UPDATE",
+                product, tag,
+            )  # fmt: skip
+            old = (bool(row[0]), row[1], row[2]) if row else (False, "", None)
+            new = (
+                old[0] if yanked is None else yanked,
+                (reason or "") if yanked else ("" if yanked is False else old[1]),
+                old[2] if rollout_percent is ... else rollout_percent,
+            )
+            if new == old:
+                return False
+            await conn.execute(
+                "INSERT INTO release_policies (product, tag, yanked, yank_reason,"
+                " rollout_percent, updated_at) VALUES ($1, $2, $3, $4, $5, $6)"
+                " ON CONFLICT (product, tag) DO UPDATE SET yanked = excluded.yanked,"
+                " yank_reason = excluded.yank_reason,"
+                " rollout_percent = excluded.rollout_percent, updated_at = excluded.updated_at",
+                product, tag, *new, int(time.time()),
+            )  # fmt: skip
+        return True
+
+    async def import_advisories(
+        self, product: str, advisories: Sequence[Advisory], *, seed: bool = False
+    ) -> tuple[int, int]:
+        """Add new advisories and replace changed ones in one transaction; (added, updated).
+        With ``seed``, only once per database lifetime."""
+        added = updated = 0
+        now = int(time.time())
+        async with self._pool.acquire() as conn, conn.transaction():
+            if seed:
+                key = f"advisories_seeded:{product}"
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                if await conn.fetchval("SELECT 1 FROM meta WHERE key = $1", key):
+                    return 0, 0
+                await conn.execute("INSERT INTO meta (key, value) VALUES ($1, $2)", key, now)
+            for advisory in advisories:
+                record = json.dumps(advisory.record, sort_keys=True)
+                status = await conn.execute(
+                    "INSERT INTO advisories (product, id, record, added_at)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT (product, id) DO NOTHING",
+                    product, advisory.id, record, now,
+                )  # fmt: skip
+                if status != "INSERT 0 0":
+                    added += 1
+                    continue
+                status = await conn.execute(
+                    "UPDATE advisories SET record = $3 WHERE product = $1 AND id = $2"
+                    " AND record IS DISTINCT FROM $3",
+                    product, advisory.id, record,
+                )  # fmt: skip
+                updated += _count(status)
+        return added, updated
+
+    async def remove_advisory(self, product: str, ident: str) -> bool:
+        status = await self._pool.execute(
+            "DELETE FROM advisories WHERE product = $1 AND id = $2", product, ident
         )
-        return Catalog((row["product"], _release_from_row(row)) for row in rows)
+        return _count(status) > 0
+
+    async def sync_state(self, product: str) -> SyncState | None:
+        row = await self._pool.fetchrow(SELECT_SYNC_STATE_SQL + " WHERE product = $1", product)
+        return SyncState(*row) if row else None
+
+    async def sync_states(self) -> list[SyncState]:
+        rows = await self._pool.fetch(SELECT_SYNC_STATE_SQL + " ORDER BY product")
+        return [SyncState(*row) for row in rows]
+
+    async def save_sync_state(self, state: SyncState) -> None:
+        await self._pool.execute(
+            """
+            INSERT INTO sync_state (product, source, etag, last_attempt_at, last_success_at,
+                                    last_error, last_error_at, retry_after_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            ON CONFLICT (product) DO UPDATE SET source = excluded.source,
+                etag = excluded.etag, last_attempt_at = excluded.last_attempt_at,
+                last_success_at = excluded.last_success_at, last_error = excluded.last_error,
+                last_error_at = excluded.last_error_at, retry_after_at = excluded.retry_after_at
+            """,
+            state.product, state.source, state.etag, state.last_attempt_at,
+            state.last_success_at, state.last_error, state.last_error_at, state.retry_after_at,
+        )  # fmt: skip
+
+    async def sync_releases(
+        self, product: str, releases: Sequence[Release], *, prune: bool
+    ) -> tuple[int, int, int]:
+        """Add and update ``releases`` and, with ``prune``, remove the product's releases not
+        among them; one transaction. Returns (added, updated, removed)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            added, updated = await _import(conn, product, releases, update=True)
+            removed = 0
+            if prune:
+                status = await conn.execute(
+                    "DELETE FROM releases WHERE product = $1 AND NOT (tag = ANY($2::text[]))",
+                    product, [r.tag for r in releases],
+                )  # fmt: skip
+                removed = _count(status)
+        return added, updated, removed
 
     async def seed_catalog(self, product: str, releases: Sequence[Release]) -> int:
         """Import ``releases`` once per database lifetime; 0 when seeded before."""
@@ -395,11 +598,16 @@ class PostgresStorage:
             )
         return added
 
-    async def add_release(self, product: str, release: Release, *, replace: bool = False) -> None:
+    async def add_release(self, product: str, release: Release, *, replace: bool = False) -> bool:
+        """Add one release; ``True`` if new, ``False`` if it replaced one; CatalogError if
+        the tag exists and not ``replace``."""
         async with self._pool.acquire() as conn, conn.transaction():
-            added, updated = await _import(conn, product, [release], update=replace)
-            if not (added or updated or replace):
-                raise CatalogError(f"{product} {release.tag} is already in the catalog")
+            added, _ = await _import(conn, product, [release], update=replace)
+            if not (added or replace):
+                raise CatalogError(
+                    f"{product} {release.tag} is already in the catalog (use --replace)"
+                )
+        return bool(added)
 
     async def import_releases(self, product: str, releases: Sequence[Release]) -> tuple[int, int]:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -409,7 +617,7 @@ class PostgresStorage:
         status = await self._pool.execute(
             "DELETE FROM releases WHERE product = $1 AND tag = $2", product, tag
         )
-        return bool(status != "DELETE 0")
+        return _count(status) > 0
 
     # -- statistics -------------------------------------------------------------------------
 
@@ -460,7 +668,7 @@ class PostgresStorage:
                     async with conn.transaction():
                         await conn.execute(ROLL_UP_DAY_SQL, day)
                         status = await conn.execute("DELETE FROM reports WHERE day = $1", day)
-                    result.rows_deleted += int(status.split()[-1])
+                    result.rows_deleted += _count(status)
                     result.days += 1
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
@@ -529,7 +737,7 @@ async def _import(
     for release in releases:
         fields = (
             release.release_notes,
-            json.dumps(list(release.assets)),
+            json.dumps([asset.to_json() for asset in release.assets]),
             release.published,
             release.prerelease,
         )
@@ -538,21 +746,13 @@ async def _import(
             added += 1
         elif update:
             status = await conn.execute(UPDATE_RELEASE_SQL, product, release.tag, *fields)
-            updated += int(status.split()[-1])
+            updated += _count(status)
     return added, updated
 
 
-def _release_from_row(row: asyncpg.Record) -> Release:
-    release = release_from_mapping(
-        {
-            "tag": row["tag"],
-            "release_notes": row["release_notes"],
-            "assets": json.loads(row["assets"]),
-            "published": row["published_on"].isoformat() if row["published_on"] else None,
-            "prerelease": bool(row["prerelease"]),
-        }
-    )
-    return replace(release, id=int(row["id"]))
+def _count(status: str) -> int:
+    """The row count of a command status such as ``DELETE 3``."""
+    return int(status.rsplit(" ", 1)[-1])
 
 
 def _reason(exc: BaseException, dsn: str = "") -> str:

@@ -85,6 +85,12 @@ WHERE product = ? AND tag = ?
 SELECT_RELEASES_SQL = """
 SELECT id, product, tag, release_notes, assets, published_on, prerelease FROM releases
 """
+SELECT_PRODUCT_POLICIES_SQL = """
+SELECT product, pinned_tag, min_version, support_notice FROM product_policies
+"""
+SELECT_RELEASE_POLICIES_SQL = """
+SELECT product, tag, yanked, yank_reason, rollout_percent FROM release_policies
+"""
 
 INSTANCES_BY_VERSION_SQL = """
 SELECT version, count(DISTINCT instance_id), sum(report_count) FROM all_reports
@@ -384,53 +390,16 @@ class Storage:
         return int(row[0]) if row else 0
 
     async def load_catalog_parts(self) -> CatalogParts:
-        """Read every product's releases, policy and advisories.
-
-        A stored row that no longer passes validation (written by an older version or by hand)
-        is skipped with a warning rather than taking the whole catalog down.
-        """
+        """Read every product's releases, policy and advisories (see :func:`catalog_parts`)."""
         async with self._conn.execute(SELECT_RELEASES_SQL) as cursor:
-            rows = await cursor.fetchall()
-        releases = []
-        for row in rows:
-            try:
-                releases.append((row[1], _release_from_row(row)))
-            except CatalogError as exc:
-                logger.warning("catalog: skipping stored release %s %s: %s", row[1], row[2], exc)
-        policies = await self._policies()
+            releases = await cursor.fetchall()
+        async with self._conn.execute(SELECT_PRODUCT_POLICIES_SQL) as cursor:
+            product_policies = await cursor.fetchall()
+        async with self._conn.execute(SELECT_RELEASE_POLICIES_SQL) as cursor:
+            release_policies = await cursor.fetchall()
         async with self._conn.execute("SELECT product, id, record FROM advisories") as cursor:
-            advisory_rows = await cursor.fetchall()
-        advisories = []
-        for product, ident, record in advisory_rows:
-            try:
-                advisories.append((product, advisory_from_osv(json.loads(record))))
-            except (CatalogError, ValueError) as exc:
-                logger.warning("catalog: skipping stored advisory %s %s: %s", product, ident, exc)
-        return CatalogParts(releases, policies, advisories)
-
-    async def _policies(self) -> dict[str, Policy]:
-        products: dict[str, dict[str, Any]] = {}
-        async with self._conn.execute(
-            "SELECT product, pinned_tag, min_version, support_notice FROM product_policies"
-        ) as cursor:
-            for product, pinned, minimum, notice in await cursor.fetchall():
-                entry = products.setdefault(product, {"yanked": {}, "rollouts": {}})
-                entry["pinned"] = pinned
-                entry["notice"] = notice
-                try:
-                    entry["min_version"] = parse_version(minimum) if minimum else None
-                except VersionError:
-                    logger.warning("catalog: %s: stored min_version %r ignored", product, minimum)
-        async with self._conn.execute(
-            "SELECT product, tag, yanked, yank_reason, rollout_percent FROM release_policies"
-        ) as cursor:
-            for product, tag, yanked, reason, percent in await cursor.fetchall():
-                entry = products.setdefault(product, {"yanked": {}, "rollouts": {}})
-                if yanked:
-                    entry["yanked"][tag] = reason
-                if percent is not None:
-                    entry["rollouts"][tag] = int(percent)
-        return {product: Policy(**entry) for product, entry in products.items()}
+            advisories = await cursor.fetchall()
+        return catalog_parts(releases, product_policies, release_policies, advisories)
 
     # -- policy (each change bumps the catalog generation through the tables' triggers) -------
 
@@ -823,13 +792,58 @@ def _synced_size(path: Path) -> int:
         os.close(descriptor)
 
 
+def catalog_parts(
+    releases: Iterable[Sequence[Any]],
+    product_policies: Iterable[Sequence[Any]],
+    release_policies: Iterable[Sequence[Any]],
+    advisories: Iterable[Sequence[Any]],
+) -> CatalogParts:
+    """The catalog from its stored rows, whichever backend read them (the columns of
+    ``SELECT_RELEASES_SQL``, ``SELECT_PRODUCT_POLICIES_SQL``, ``SELECT_RELEASE_POLICIES_SQL``
+    and ``product, id, record`` of the advisories).
+
+    A stored row that no longer passes validation (written by an older version or by hand) is
+    skipped with a warning rather than taking the whole catalog down.
+    """
+    parsed_releases = []
+    for row in releases:
+        try:
+            parsed_releases.append((row[1], release_from_row(row)))
+        except CatalogError as exc:
+            logger.warning("catalog: skipping stored release %s %s: %s", row[1], row[2], exc)
+    products: dict[str, dict[str, Any]] = {}
+    for product, pinned, minimum, notice in product_policies:
+        entry = products.setdefault(product, {"yanked": {}, "rollouts": {}})
+        entry["pinned"] = pinned
+        entry["notice"] = notice
+        try:
+            entry["min_version"] = parse_version(minimum) if minimum else None
+        except VersionError:
+            logger.warning("catalog: %s: stored min_version %r ignored", product, minimum)
+    for product, tag, yanked, reason, percent in release_policies:
+        entry = products.setdefault(product, {"yanked": {}, "rollouts": {}})
+        if yanked:
+            entry["yanked"][tag] = reason
+        if percent is not None:
+            entry["rollouts"][tag] = int(percent)
+    parsed_advisories = []
+    for product, ident, record in advisories:
+        try:
+            parsed_advisories.append((product, advisory_from_osv(json.loads(record))))
+        except (CatalogError, ValueError) as exc:
+            logger.warning("catalog: skipping stored advisory %s %s: %s", product, ident, exc)
+    policies = {product: Policy(**entry) for product, entry in products.items()}
+    return CatalogParts(parsed_releases, policies, parsed_advisories)
+
+
 def _checked_synchronous(value: str) -> str:
     if value.lower() not in ("off", "normal", "full", "extra"):
         raise ValueError(f"synchronous must be off, normal, full or extra, not {value!r}")
     return value.upper()
 
 
-def _release_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Release:
+def release_from_row(row: Sequence[Any]) -> Release:
+    """A release from the columns of ``SELECT_RELEASES_SQL``."""
     release_id, product, tag, notes, assets, published, prerelease = row
     release = release_from_mapping(
         {

@@ -160,7 +160,10 @@ def test_cli_commands_explain_an_unreachable_database_without_the_password() -> 
 
 def test_the_environment_never_needs_asyncpg_for_sqlite() -> None:
     # SQLite users need not install the postgres extra: the backend is imported on demand.
-    code = "import sys, opa_telemetry_server.app, opa_telemetry_server.cli; print('asyncpg' in sys.modules)"
+    code = (
+        "import sys, opa_telemetry_server.app, opa_telemetry_server.cli;"
+        " print('asyncpg' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
         env={**os.environ},

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from opa_telemetry_server.advisories import bundled_advisories
+from opa_telemetry_server.catalog import load_catalog
 from opa_telemetry_server.errors import CatalogError, SchemaError
 from opa_telemetry_server.postgres import PostgresStorage, redact_dsn
 from opa_telemetry_server.protocol import Report
 from opa_telemetry_server.releases import Release, release_from_mapping
-from opa_telemetry_server.storage import Storage
+from opa_telemetry_server.storage import Storage, SyncState
 from opa_telemetry_server.versions import parse_version
 
 from .pgcluster import PASSWORD
@@ -41,7 +44,7 @@ def report(instance: str, version: str = "1.5.1", heap: int | None = 1000, **kw:
 
 
 def release(tag: str, **kw: Any) -> Release:
-    return release_from_mapping({"tag": tag, "assets": ["opa_linux_amd64"], **kw})
+    return release_from_mapping({"tag": tag, "assets": ["opa_linux_amd64"], **kw}, "opa")
 
 
 TARGETS: dict[int, str] = {}
@@ -130,17 +133,20 @@ async def test_catalog_changes_bump_the_generation_and_round_trip(backend: Any) 
     )
     with pytest.raises(CatalogError, match="already in the catalog"):
         await backend.add_release("opa", release("v1.2.0"))
-    await backend.add_release("opa", release("v1.2.0", prerelease=True), replace=True)
+    assert (
+        await backend.add_release("opa", release("v1.2.0", prerelease=True), replace=True) is False
+    )
     assert await backend.import_releases("opa", [release("v1.1.0"), release("v1.3.0")]) == (1, 0)
     assert await backend.catalog_generation() != seeded
-    catalog = await backend.load_catalog()
+    catalog = await load_catalog(backend)
     assert [r.tag for r in catalog.releases("opa")] == ["v1.3.0", "v1.2.0", "v1.1.0", "v1.0.0"]
     v120 = catalog.releases("opa")[1]
-    assert (v120.prerelease, v120.published, v120.assets) == (True, None, ("opa_linux_amd64",))
+    assert (v120.prerelease, v120.published) == (True, None)
+    assert [a.to_json() for a in v120.assets] == [r.to_json() for r in release("v1.0.0").assets]
     assert v120.id > 0
     assert await backend.remove_release("opa", "v1.3.0") is True
     assert await backend.remove_release("opa", "v1.3.0") is False
-    assert (await backend.load_catalog()).latest("opa") == catalog.releases("opa")[2]
+    assert (await load_catalog(backend)).latest("opa") == catalog.releases("opa")[2]
     before = await backend.catalog_generation()
     assert await backend.import_releases("opa", [release("v1.1.0")]) == (0, 0)
     assert await backend.catalog_generation() == before  # nothing changed, nothing bumped
@@ -234,3 +240,52 @@ async def test_postgres_errors_never_show_the_password(
     assert PASSWORD not in str(raised.value) + caplog.text
     assert "not reachable" in caplog.text
     assert redact_dsn(down) == "postgresql://opa:***@127.0.0.1:1/postgres"
+
+
+async def test_policies_are_stored_per_product_and_release(backend: Any) -> None:
+    await backend.import_releases("opa", [release("v1.0.0"), release("v1.1.0")])
+    generation = await backend.catalog_generation()
+    await backend.set_product_policy("opa", pinned_tag="v1.0.0", min_version="0.9.0")
+    await backend.set_product_policy("opa", support_notice="https://example.com/eol")
+    assert await backend.set_release_policy("opa", "v1.1.0", yanked=True, reason="broken")
+    assert not await backend.set_release_policy("opa", "v1.1.0", yanked=True, reason="broken")
+    assert await backend.set_release_policy("opa", "v1.0.0", rollout_percent=25)
+    with pytest.raises(CatalogError, match="not in the catalog"):
+        await backend.set_release_policy("opa", "v9.9.9", yanked=True)
+    assert await backend.catalog_generation() != generation
+    policy = (await load_catalog(backend)).policy("opa")
+    assert (policy.pinned, str(policy.min_version), policy.notice) == (
+        "v1.0.0", "0.9.0", "https://example.com/eol",
+    )  # fmt: skip
+    assert (dict(policy.yanked), dict(policy.rollouts)) == ({"v1.1.0": "broken"}, {"v1.0.0": 25})
+    await backend.set_product_policy("opa", pinned_tag=None)
+    assert await backend.set_release_policy("opa", "v1.1.0", yanked=False)
+    policy = (await load_catalog(backend)).policy("opa")
+    assert (policy.pinned, str(policy.min_version), dict(policy.yanked)) == (None, "0.9.0", {})
+
+
+async def test_advisories_import_once_as_seed_then_update_and_remove(backend: Any) -> None:
+    advisories = bundled_advisories()
+    assert await backend.import_advisories("opa", advisories, seed=True) == (len(advisories), 0)
+    assert await backend.import_advisories("opa", advisories[:1], seed=True) == (0, 0)
+    assert await backend.import_advisories("opa", advisories) == (0, 0)  # nothing changed
+    first = advisories[0]
+    changed = dataclasses.replace(first, record={**first.record, "summary": "new"})
+    assert await backend.import_advisories("opa", [changed]) == (0, 1)
+    stored = (await load_catalog(backend)).advisories("opa")
+    assert len(stored) == len(advisories)
+    assert await backend.remove_advisory("opa", first.id) is True
+    assert await backend.remove_advisory("opa", first.id) is False
+
+
+async def test_sync_state_and_a_pruning_sync(backend: Any) -> None:
+    assert await backend.sync_state("opa") is None
+    state = SyncState("opa", "https://api.github.com", etag='W/"1"', last_attempt_at=5)
+    await backend.save_sync_state(state)
+    await backend.save_sync_state(SyncState("opa", "https://x", last_success_at=6))
+    assert await backend.sync_states() == [SyncState("opa", "https://x", last_success_at=6)]
+    await backend.import_releases("opa", [release("v1.0.0"), release("v1.1.0")])
+    counts = await backend.sync_releases("opa", [release("v1.1.0"), release("v1.2.0")], prune=True)
+    assert counts == (1, 0, 1)
+    tags = [r.tag for r in (await load_catalog(backend)).releases("opa")]
+    assert tags == ["v1.2.0", "v1.1.0"]
