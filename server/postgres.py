@@ -444,7 +444,8 @@ class PostgresStorage:
             product_policies = await conn.fetch(SELECT_PRODUCT_POLICIES_SQL)
             release_policies = await conn.fetch(SELECT_RELEASE_POLICIES_SQL)
             advisories = await conn.fetch("SELECT product, id, record FROM advisories")
-        return catalog_parts(releases, product_policies, release_policies, advisories)
+        rows = (releases, product_policies, release_policies, advisories)
+        return catalog_parts(*([tuple(row) for row in table] for table in rows))
 
     async def set_product_policy(self, product: str, **changes: str | None) -> None:
         """Set ``pinned_tag``, ``min_version`` and/or ``support_notice`` (``None`` clears)."""
