@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
+from . import dashboard
 from .appkeys import CODEC, INTAKE, REPOS, SETTINGS, STORAGE, Intake
 from .errors import (
     BodyTooLargeError,
@@ -78,6 +79,17 @@ async def get_readiness(request: web.Request) -> web.Response:
     await request.app[STORAGE].ping()
     ingest = request.app[INTAKE].ingest
     return _json(request, {"status": "ready", "pending": ingest.pending + ingest.writing})
+
+
+async def get_dashboard(request: web.Request) -> web.Response:
+    """``GET /dashboard``: the page (it holds no data; its script reads the stats API)."""
+    page = dashboard.page(dashboard.access_mode(request.app[SETTINGS]))
+    return dashboard.answer(request, page, dashboard.PAGE_CACHE)
+
+
+async def get_dashboard_asset(request: web.Request) -> web.Response:
+    """``GET /dashboard/assets/{name}``: a script, style sheet or image of the page."""
+    return dashboard.asset_answer(request, request.match_info["name"])
 
 
 def _check_rate(request: web.Request, intake: Intake) -> None:

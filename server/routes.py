@@ -14,6 +14,8 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
      handlers.get_release_assets),
     ("GET", "/healthz", handlers.get_health),
     ("GET", "/readyz", handlers.get_readiness),
+    ("GET", "/dashboard", handlers.get_dashboard),
+    ("GET", "/dashboard/assets/{name:[A-Za-z0-9._/-]{1,100}}", handlers.get_dashboard_asset),
 )  # fmt: skip
 
 

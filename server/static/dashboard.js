@@ -1,0 +1,704 @@
+/* The fleet dashboard: fetches the stats document (GET v1/stats) with the admin token, if
+ * any, and draws it. The page holds no data of its own; the token lives in sessionStorage
+ * for this tab and travels only in the Authorization header of this script's own requests.
+ */
+(function () {
+  "use strict";
+
+  const TOKEN_KEY = "opa-telemetry-admin-token";
+  const WINDOWS = [7, 30, 90, 180, 365];
+  const DEFAULT_DAYS = 30;
+  const PALETTE = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+    "#e377c2", "#17becf", "#bcbd22", "#393b79", "#ad494a", "#637939",
+  ];
+  const OTHER_COLOR = "#9aa5b1";
+
+  const access = metaContent("opa-telemetry-access") || "token";
+  const count = new Intl.NumberFormat("en-US", { maximumFractionDigits: 1 });
+  const percent = new Intl.NumberFormat("en-US", { style: "percent", maximumFractionDigits: 1 });
+  const state = { product: "", days: DEFAULT_DAYS, view: "charts", doc: null, plots: [] };
+
+  const el = (id) => document.getElementById(id);
+
+  class AccessError extends Error {
+    constructor(status, message, details) {
+      super(message);
+      this.status = status;
+      this.details = details;
+    }
+  }
+
+  class ApiError extends Error {
+    constructor(status, message, details) {
+      super(message);
+      this.status = status;
+      this.details = details;
+    }
+  }
+
+  function metaContent(name) {
+    const meta = document.querySelector('meta[name="' + name + '"]');
+    return meta ? meta.getAttribute("content") : "";
+  }
+
+  // -- the token ---------------------------------------------------------------------------
+
+  function storedToken() {
+    try {
+      return sessionStorage.getItem(TOKEN_KEY) || "";
+    } catch (e) {
+      return "";
+    }
+  }
+
+  function storeToken(token) {
+    try {
+      if (token) sessionStorage.setItem(TOKEN_KEY, token);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch (e) {
+      /* storage disabled: the token lasts until the page is reloaded */
+    }
+    memoryToken = token;
+  }
+
+  let memoryToken = storedToken();
+
+  // -- the API -----------------------------------------------------------------------------
+
+  async function api(path, params) {
+    const query = new URLSearchParams(params || {}).toString();
+    const headers = { Accept: "application/json" };
+    if (memoryToken) headers.Authorization = "Bearer " + memoryToken;
+    let response;
+    try {
+      response = await fetch(path + (query ? "?" + query : ""), {
+        headers: headers,
+        cache: "no-store",
+        credentials: "omit",
+        referrerPolicy: "no-referrer",
+      });
+    } catch (e) {
+      throw new ApiError(0, "The server could not be reached.", [String(e.message || e)]);
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (e) {
+      body = null;
+    }
+    const message = (body && body.error) || response.statusText || "HTTP " + response.status;
+    const details = (body && Array.isArray(body.details)) ? body.details : [];
+    if (response.status === 401 || response.status === 403) {
+      throw new AccessError(response.status, message, details);
+    }
+    if (!response.ok || body === null) throw new ApiError(response.status, message, details);
+    return body;
+  }
+
+  // -- the page's states -------------------------------------------------------------------
+
+  function show(section) {
+    for (const id of ["status", "auth", "empty", "content"]) el(id).hidden = id !== section;
+  }
+
+  function showStatus(text, isError, details) {
+    const status = el("status");
+    status.textContent = text;
+    status.classList.toggle("error", Boolean(isError));
+    if (details && details.length) {
+      const list = document.createElement("ul");
+      for (const d of details) list.appendChild(textElement("li", d));
+      status.appendChild(list);
+    }
+    show("status");
+  }
+
+  function showAuth(error) {
+    const closed = access === "closed" || (error && error.status === 403 && !memoryToken);
+    el("auth-title").textContent = closed
+      ? "The fleet statistics are not open on this server"
+      : "This dashboard needs the admin token";
+    el("auth-message").textContent = error ? error.message : "";
+    const details = el("auth-details");
+    details.replaceChildren(...(error ? error.details : []).map((d) => textElement("li", d)));
+    el("token-form").hidden = closed && access !== "token";
+    el("forget-token").hidden = !memoryToken;
+    show("auth");
+    if (!el("token-form").hidden) el("token").focus();
+  }
+
+  function showEmpty(doc) {
+    const base = location.href.replace(/\/dashboard(?:[?#].*)?$/, "");
+    el("empty-message").textContent =
+      "No instance of " + doc.product + " has reported to this server in the last " +
+      doc.days + " day" + (doc.days === 1 ? "" : "s") + ". Reports appear here as they arrive.";
+    el("empty-howto").textContent =
+      "# point an OPA at this server:\nOPA_TELEMETRY_SERVICE_URL=" + base + " opa run --server";
+    show("empty");
+  }
+
+  // -- loading -----------------------------------------------------------------------------
+
+  async function start() {
+    readLocation();
+    wireControls();
+    if (access === "token" && !memoryToken) {
+      showAuth(null);
+      return;
+    }
+    await load();
+  }
+
+  async function load() {
+    showStatus("Loading…", false);
+    el("forget-token").hidden = !memoryToken;
+    try {
+      const products = await api("v1/products");
+      fillProducts(products.products || []);
+      const doc = await api("v1/stats", { product: state.product, days: String(state.days) });
+      el("controls").hidden = false;
+      render(doc);
+    } catch (error) {
+      if (error instanceof AccessError) {
+        showAuth(error);
+      } else {
+        showStatus("Could not load the statistics: " + error.message, true, error.details);
+        el("controls").hidden = false;
+      }
+    }
+  }
+
+  function readLocation() {
+    const params = new URLSearchParams(location.search);
+    state.product = params.get("product") || "";
+    const days = parseInt(params.get("days") || "", 10);
+    state.days = WINDOWS.includes(days) ? days : DEFAULT_DAYS;
+    state.view = params.get("view") === "table" ? "table" : "charts";
+  }
+
+  function writeLocation() {
+    const params = new URLSearchParams();
+    if (state.product) params.set("product", state.product);
+    params.set("days", String(state.days));
+    if (state.view === "table") params.set("view", "table");
+    history.replaceState(null, "", location.pathname + "?" + params.toString());
+  }
+
+  function fillProducts(products) {
+    const names = products.map((p) => p.product);
+    if (!state.product) {
+      const busiest = products.slice().sort((a, b) => (b.reports || 0) - (a.reports || 0))[0];
+      state.product = names.includes("opa") ? "opa" : (busiest ? busiest.product : "opa");
+    }
+    if (!names.includes(state.product)) names.push(state.product);
+    const select = el("product");
+    select.replaceChildren(...names.map((name) => {
+      const option = textElement("option", name);
+      option.value = name;
+      return option;
+    }));
+    select.value = state.product;
+    el("days").value = String(state.days);
+  }
+
+  function wireControls() {
+    el("token-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const token = el("token").value.trim();
+      el("token").value = "";
+      if (!token) return;
+      storeToken(token);
+      load();
+    });
+    el("forget-token").addEventListener("click", () => {
+      storeToken("");
+      destroyPlots();
+      el("controls").hidden = true;
+      showAuth(null);
+    });
+    el("controls").addEventListener("submit", (event) => event.preventDefault());
+    el("product").addEventListener("change", () => {
+      state.product = el("product").value;
+      writeLocation();
+      load();
+    });
+    el("days").addEventListener("change", () => {
+      state.days = parseInt(el("days").value, 10);
+      writeLocation();
+      load();
+    });
+    el("view-charts").addEventListener("click", () => setView("charts"));
+    el("view-table").addEventListener("click", () => setView("table"));
+    window.addEventListener("resize", resizePlots);
+    wireTooltip();
+  }
+
+  function setView(view) {
+    state.view = view;
+    writeLocation();
+    applyView();
+  }
+
+  function applyView() {
+    const table = state.view === "table";
+    el("charts").hidden = table;
+    el("tables").hidden = !table;
+    el("view-charts").setAttribute("aria-pressed", String(!table));
+    el("view-table").setAttribute("aria-pressed", String(table));
+    if (!table) resizePlots();
+  }
+
+  // -- rendering ---------------------------------------------------------------------------
+
+  function isEmpty(doc) {
+    const daily = doc.daily || [];
+    return !doc.reports && !doc.version_checks && daily.every((d) => !d.instances && !d.version_checks);
+  }
+
+  function render(doc) {
+    state.doc = doc;
+    destroyPlots();
+    document.body.dataset.product = doc.product;
+    document.body.dataset.days = String(doc.days);
+    el("subtitle").textContent = doc.product + " · " + doc.since + " to " + doc.until + " (UTC)";
+    if (isEmpty(doc)) {
+      document.body.dataset.state = "empty";
+      showEmpty(doc);
+      return;
+    }
+    document.body.dataset.state = "ready";
+    show("content");
+    renderTiles(doc);
+    renderTables(doc);
+    applyView();
+    const model = adoptionModel(doc);
+    renderAdoption(doc, model);
+    renderOutdated(doc);
+    renderChecks(doc);
+    renderPlatforms(doc);
+    renderHeap(doc);
+  }
+
+  function renderTiles(doc) {
+    const daily = doc.daily || [];
+    const last = lastDayWithData(daily);
+    const share = last ? shareOf(last) : null;
+    const instances = doc.instances || {};
+    const tiles = [
+      ["Latest release", doc.latest_release || "unknown", "in the release catalog", ""],
+      ["Instances, latest day", fmt(instances.latest_day), last ? last.day : "no data", ""],
+      ["Average per day", fmt(instances.average_daily), "peak " + fmt(instances.peak_daily), ""],
+      ["Out of date", share === null ? "–" : percent.format(share),
+        last ? fmt(last.out_of_date) + " of " + fmt(last.instances) + " instances" : "no data",
+        share !== null && share > 0.5 ? "warn" : ""],
+      ["Reports", fmt(doc.reports), "in " + doc.days + " days", ""],
+      ["Release checks", fmt(doc.version_checks), "in " + doc.days + " days", ""],
+    ];
+    el("tiles").replaceChildren(...tiles.map(([label, value, note, tone]) => {
+      const tile = document.createElement("div");
+      tile.className = "tile" + (tone ? " " + tone : "");
+      tile.dataset.tile = label;
+      tile.append(textElement("div", label, "label"), textElement("div", value, "value"),
+        textElement("div", note, "note"));
+      return tile;
+    }));
+  }
+
+  /** Versions (series) of the stacked chart: the document's order (newest first), then any
+   * version only the daily rows name, then "other" last. */
+  function adoptionModel(doc) {
+    const daily = doc.daily || [];
+    const seen = new Set();
+    for (const day of daily) for (const v of Object.keys(day.by_version || {})) seen.add(v);
+    const ordered = [];
+    for (const row of doc.by_version || []) {
+      if (seen.has(row.version)) {
+        ordered.push(row.version);
+        seen.delete(row.version);
+      }
+    }
+    const rest = [...seen].filter((v) => v !== "other").sort(compareVersions).reverse();
+    ordered.push(...rest);
+    if (seen.has("other")) ordered.push("other");
+    const values = ordered.map((v) => daily.map((d) => (d.by_version || {})[v] || 0));
+    return { versions: ordered, values: values };
+  }
+
+  function renderAdoption(doc, model) {
+    const figure = el("chart-adoption");
+    const daily = doc.daily || [];
+    const total = daily.reduce((sum, d) => sum + (d.instances || 0), 0);
+    figure.dataset.series = JSON.stringify(model.versions);
+    figure.dataset.total = String(total);
+    if (!model.versions.length) return noData(figure, "No versions reported in this window.");
+    // Stack: series i is drawn at the sum of itself and every series below it (later in the
+    // list). Drawn top first, each fill covers the ones above it below its own line.
+    const n = model.versions.length;
+    const stacked = model.values.map((_, i) => daily.map((__, d) => {
+      let sum = 0;
+      for (let j = i; j < n; j++) sum += model.values[j][d];
+      return sum;
+    }));
+    const series = [{ label: "Day", value: dayLabel }];
+    model.versions.forEach((version, i) => {
+      const color = colorFor(version, i);
+      series.push({
+        label: version === "other" ? "other" : "v" + version.replace(/^v/, ""),
+        stroke: color,
+        fill: color,
+        width: 1,
+        points: { show: false },
+        value: (u, v, si, idx) => (idx === null || idx === undefined ? "–" : fmt(model.values[i][idx])),
+      });
+    });
+    makePlot(figure, {
+      series: series,
+      axes: [timeAxis(), { values: (u, ticks) => ticks.map(fmtAxis), size: 56 }],
+      scales: { y: { range: (u, min, max) => [0, niceMax(max)] } },
+    }, [xs(daily), ...stacked]);
+  }
+
+  function renderOutdated(doc) {
+    const figure = el("chart-outdated");
+    const daily = doc.daily || [];
+    const shares = daily.map((d) => shareOf(d));
+    const known = shares.filter((s) => s !== null);
+    figure.dataset.series = JSON.stringify(["out of date"]);
+    figure.dataset.total = String(daily.reduce((sum, d) => sum + (d.out_of_date || 0), 0));
+    if (doc.latest_release) {
+      el("outdated-caption").textContent =
+        "Instances on a version older than " + doc.latest_release + ", per day.";
+    }
+    if (!known.length) return noData(figure, "No instances in this window.");
+    makePlot(figure, {
+      series: [
+        { label: "Day", value: dayLabel },
+        {
+          label: "out of date",
+          stroke: "#b4441c",
+          fill: "rgba(180, 68, 28, 0.12)",
+          width: 2,
+          spanGaps: false,
+          points: { show: daily.length <= 31, size: 5 },
+          value: (u, v, si, idx) => {
+            if (idx === null || idx === undefined || v === null) return "–";
+            const d = daily[idx];
+            return percent.format(v / 100) + " (" + fmt(d.out_of_date) + " of " + fmt(d.instances) + ")";
+          },
+        },
+      ],
+      axes: [timeAxis(), { values: (u, ticks) => ticks.map((t) => t + "%"), size: 48 }],
+      scales: { y: { range: [0, 100] } },
+    }, [xs(daily), shares.map((s) => (s === null ? null : s * 100))]);
+  }
+
+  function renderChecks(doc) {
+    const figure = el("chart-checks");
+    const daily = doc.daily || [];
+    const checks = daily.map((d) => d.version_checks || 0);
+    const total = checks.reduce((a, b) => a + b, 0);
+    figure.dataset.series = JSON.stringify(["release checks"]);
+    figure.dataset.total = String(total);
+    if (!total) return noData(figure, "No release checks in this window.");
+    const bars = uPlot.paths.bars({ size: [0.7, 40], align: 0 });
+    const halfDay = 43200;
+    makePlot(figure, {
+      series: [
+        { label: "Day", value: dayLabel },
+        {
+          label: "release checks",
+          stroke: "#2e7d4f",
+          fill: "rgba(46, 125, 79, 0.7)",
+          paths: bars,
+          points: { show: false },
+          value: (u, v) => (v === null || v === undefined ? "–" : fmt(v)),
+        },
+      ],
+      axes: [timeAxis(), { values: (u, ticks) => ticks.map(fmtAxis), size: 48 }],
+      scales: {
+        x: { time: true, range: (u, min, max) => [min - halfDay, max + halfDay] },
+        y: { range: (u, min, max) => [0, niceMax(max)] },
+      },
+    }, [xs(daily), checks]);
+  }
+
+  function renderPlatforms(doc) {
+    const figure = el("chart-platforms");
+    const rows = (doc.by_platform || []).slice().sort((a, b) => b.instances - a.instances);
+    const total = rows.reduce((sum, r) => sum + (r.instances || 0), 0);
+    figure.dataset.series = JSON.stringify(rows.map(platformName));
+    figure.dataset.total = String(total);
+    const box = figure.querySelector(".bars");
+    if (!total) return noData(figure, "No platforms reported in this window.");
+    const grid = document.createElement("div");
+    grid.className = "hbars";
+    for (const row of rows) {
+      const share = row.instances / total;
+      const tip = platformName(row) + "\n" + fmt(row.instances) + " instances/day (" +
+        percent.format(share) + ")";
+      const name = textElement("span", platformName(row), "name");
+      const track = document.createElement("span");
+      track.className = "track";
+      const fill = document.createElement("span");
+      fill.className = "fill";
+      fill.style.width = (share * 100).toFixed(2) + "%";
+      track.appendChild(fill);
+      const num = textElement("span", percent.format(share), "num");
+      for (const cell of [name, track, num]) cell.dataset.tip = tip;
+      track.dataset.platform = platformName(row);
+      track.dataset.instances = String(row.instances);
+      grid.append(name, track, num);
+    }
+    box.replaceChildren(grid);
+  }
+
+  function renderHeap(doc) {
+    const figure = el("chart-heap");
+    const rows = (doc.heap_by_version || []).filter((r) => r.p50 !== null && r.p50 !== undefined);
+    figure.dataset.series = JSON.stringify(rows.map((r) => r.version));
+    figure.dataset.total = String(rows.reduce((sum, r) => sum + (r.instances || 0), 0));
+    const box = figure.querySelector(".bars");
+    if (!rows.length) return noData(figure, "No heap usage reported in this window.");
+    const top = Math.max(...rows.map((r) => r.p99 || r.p90 || r.p50));
+    const grid = document.createElement("div");
+    grid.className = "hbars";
+    for (const row of rows) {
+      const tip = "v" + row.version.replace(/^v/, "") + " (" + fmt(row.instances) + " instances)\n" +
+        "p50 " + bytes(row.p50) + "\np90 " + bytes(row.p90) + "\np99 " + bytes(row.p99);
+      const name = textElement("span", "v" + row.version.replace(/^v/, ""), "name");
+      const track = document.createElement("span");
+      track.className = "track";
+      for (const key of ["p99", "p90", "p50"]) {
+        if (row[key] === null || row[key] === undefined) continue;
+        const fill = document.createElement("span");
+        fill.className = "fill " + key;
+        fill.style.width = ((row[key] / top) * 100).toFixed(2) + "%";
+        track.appendChild(fill);
+      }
+      const num = textElement("span", "p50 " + bytes(row.p50), "num");
+      for (const cell of [name, track, num]) cell.dataset.tip = tip;
+      track.dataset.version = row.version;
+      grid.append(name, track, num);
+    }
+    const keys = document.createElement("div");
+    keys.className = "legend-keys";
+    keys.append(textElement("span", "p50", "k50"), textElement("span", "p90", "k90"),
+      textElement("span", "p99", "k99"));
+    box.replaceChildren(grid, keys);
+  }
+
+  function renderTables(doc) {
+    const daily = doc.daily || [];
+    const model = adoptionModel(doc);
+    const cards = [];
+    cards.push(tableCard("table-daily", "Per day", [
+      "Day", "Instances", ...model.versions.map((v) => (v === "other" ? "other" : "v" + v)),
+      "Out of date", "Share out of date", "Reports", "Release checks",
+    ], daily.slice().reverse().map((d) => [
+      d.day, fmt(d.instances), ...model.versions.map((v) => fmt((d.by_version || {})[v] || 0)),
+      fmt(d.out_of_date), shareOf(d) === null ? "–" : percent.format(shareOf(d)),
+      fmt(d.reports), fmt(d.version_checks),
+    ])));
+    cards.push(tableCard("table-versions", "By version", ["Version", "Instances/day", "Reports"],
+      (doc.by_version || []).map((r) => [r.version, fmt(r.instances), fmt(r.reports)])));
+    cards.push(tableCard("table-platforms", "By platform", ["Platform", "Instances/day"],
+      (doc.by_platform || []).map((r) => [platformName(r), fmt(r.instances)])));
+    cards.push(tableCard("table-heap", "Heap usage by version",
+      ["Version", "Instances", "p50", "p90", "p99"],
+      (doc.heap_by_version || []).map((r) => [r.version, fmt(r.instances), bytes(r.p50),
+        bytes(r.p90), bytes(r.p99)])));
+    cards.push(tableCard("table-min-compatible", "Minimum compatible version (from policies)",
+      ["min_compatible_version", "Instances"],
+      (doc.min_compatible_versions || []).map((r) => [r.min_compatible_version || "(none sent)",
+        fmt(r.instances)])));
+    el("tables").replaceChildren(...cards);
+  }
+
+  function tableCard(id, title, headers, rows) {
+    const card = document.createElement("section");
+    card.className = "card";
+    const table = document.createElement("table");
+    table.id = id;
+    table.appendChild(textElement("caption", title));
+    const head = document.createElement("thead");
+    const headRow = document.createElement("tr");
+    for (const h of headers) {
+      const th = textElement("th", h);
+      th.scope = "col";
+      headRow.appendChild(th);
+    }
+    head.appendChild(headRow);
+    const body = document.createElement("tbody");
+    for (const row of rows) {
+      const tr = document.createElement("tr");
+      row.forEach((cell, i) => tr.appendChild(textElement(i === 0 ? "th" : "td", cell)));
+      body.appendChild(tr);
+    }
+    if (!rows.length) {
+      const tr = document.createElement("tr");
+      const td = textElement("td", "no data");
+      td.colSpan = headers.length;
+      tr.appendChild(td);
+      body.appendChild(tr);
+    }
+    table.append(head, body);
+    card.appendChild(table);
+    return card;
+  }
+
+  // -- uPlot helpers -----------------------------------------------------------------------
+
+  function makePlot(figure, options, data) {
+    const box = figure.querySelector(".plot");
+    box.replaceChildren();
+    // With the cursor away, the legend reads out the last day rather than dashes.
+    const last = data[0].length - 1;
+    const showLast = (u) => {
+      if (u.cursor.idx === null || u.cursor.idx === undefined) u.setLegend({ idx: last });
+    };
+    const plot = new uPlot(Object.assign({
+      hooks: { ready: [showLast], setCursor: [showLast] },
+      width: plotWidth(box),
+      height: figure.classList.contains("wide") ? 320 : 240,
+      tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), "Etc/UTC"),
+      cursor: { drag: { x: false, y: false }, points: { size: 6 } },
+      legend: { live: true },
+    }, options), data, box);
+    state.plots.push({ plot: plot, box: box, figure: figure });
+  }
+
+  function plotWidth(box) {
+    return Math.max(260, Math.floor(box.getBoundingClientRect().width || box.parentElement.clientWidth - 32));
+  }
+
+  function resizePlots() {
+    for (const p of state.plots) {
+      if (p.box.offsetParent === null) continue;
+      p.plot.setSize({ width: plotWidth(p.box), height: p.plot.height });
+    }
+  }
+
+  function destroyPlots() {
+    for (const p of state.plots) p.plot.destroy();
+    state.plots = [];
+  }
+
+  function noData(figure, text) {
+    const box = figure.querySelector(".plot, .bars");
+    box.replaceChildren(textElement("div", text, "nodata"));
+  }
+
+  function timeAxis() {
+    return {
+      space: 60,
+      values: [
+        [86400 * 28, "{MMM} {YYYY}", null, null, null, null, null, null, 1],
+        [86400, "{MMM} {D}", null, null, null, null, null, null, 1],
+        [3600, "{MMM} {D}", null, null, null, null, null, null, 1],
+      ],
+    };
+  }
+
+  function xs(daily) {
+    return daily.map((d) => Date.parse(d.day + "T00:00:00Z") / 1000);
+  }
+
+  function dayLabel(u, ts) {
+    return ts === null || ts === undefined ? "–" : new Date(ts * 1000).toISOString().slice(0, 10);
+  }
+
+  function niceMax(max) {
+    if (!max || max <= 0) return 1;
+    const magnitude = Math.pow(10, Math.floor(Math.log10(max)));
+    return Math.ceil((max * 1.05) / magnitude) * magnitude;
+  }
+
+  // -- hover read-out for the HTML bars ----------------------------------------------------
+
+  function wireTooltip() {
+    const tip = el("tooltip");
+    document.addEventListener("mousemove", (event) => {
+      const target = event.target instanceof Element ? event.target.closest("[data-tip]") : null;
+      if (!target) {
+        tip.hidden = true;
+        return;
+      }
+      tip.textContent = target.dataset.tip;
+      tip.hidden = false;
+      const x = Math.min(event.clientX + 14, window.innerWidth - tip.offsetWidth - 8);
+      tip.style.left = x + "px";
+      tip.style.top = event.clientY + 14 + "px";
+    });
+  }
+
+  // -- formatting --------------------------------------------------------------------------
+
+  function textElement(tag, text, className) {
+    const node = document.createElement(tag);
+    node.textContent = text;
+    if (className) node.className = className;
+    return node;
+  }
+
+  function fmt(value) {
+    return value === null || value === undefined ? "–" : count.format(value);
+  }
+
+  function fmtAxis(value) {
+    if (value >= 1e6) return count.format(value / 1e6) + "M";
+    if (value >= 1e4) return count.format(value / 1e3) + "k";
+    return count.format(value);
+  }
+
+  function bytes(value) {
+    if (value === null || value === undefined) return "–";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let v = value;
+    let unit = 0;
+    while (v >= 1024 && unit < units.length - 1) {
+      v /= 1024;
+      unit++;
+    }
+    return (v >= 100 || unit === 0 ? v.toFixed(0) : v.toFixed(1)) + " " + units[unit];
+  }
+
+  function shareOf(day) {
+    if (!day || !day.instances) return null;
+    if (typeof day.out_of_date_share === "number") return day.out_of_date_share;
+    return (day.out_of_date || 0) / day.instances;
+  }
+
+  function lastDayWithData(daily) {
+    for (let i = daily.length - 1; i >= 0; i--) if (daily[i].instances) return daily[i];
+    return null;
+  }
+
+  function platformName(row) {
+    if (row.os === "other" && !row.arch) return "other";
+    return (row.os || "unknown") + "/" + (row.arch || "unknown");
+  }
+
+  function colorFor(version, i) {
+    return version === "other" ? OTHER_COLOR : PALETTE[i % PALETTE.length];
+  }
+
+  function compareVersions(a, b) {
+    const pa = a.replace(/^v/, "").split(/[.-]/);
+    const pb = b.replace(/^v/, "").split(/[.-]/);
+    for (let i = 0; i < Math.max(pa.length, pb.length); i++) {
+      const x = pa[i] === undefined ? "" : pa[i];
+      const y = pb[i] === undefined ? "" : pb[i];
+      const nx = /^\d+$/.test(x) ? parseInt(x, 10) : NaN;
+      const ny = /^\d+$/.test(y) ? parseInt(y, 10) : NaN;
+      if (!isNaN(nx) && !isNaN(ny)) {
+        if (nx !== ny) return nx - ny;
+      } else if (x !== y) {
+        return x < y ? -1 : 1;
+      }
+    }
+    return 0;
+  }
+
+  start();
+})();
