@@ -115,17 +115,19 @@
   }
 
   function showAuth(error) {
-    const closed = access === "closed" || (error && error.status === 403 && !memoryToken);
+    const closed = access === "closed";
     el("auth-title").textContent = closed
       ? "The fleet statistics are not open on this server"
       : "This dashboard needs the admin token";
     el("auth-message").textContent = error ? error.message : "";
+    el("auth-message").hidden = !error;
     const details = el("auth-details");
     details.replaceChildren(...(error ? error.details : []).map((d) => textElement("li", d)));
-    el("token-form").hidden = closed && access !== "token";
-    el("forget-token").hidden = !memoryToken;
+    el("token-form").hidden = closed;
+    el("forget-token").hidden = true;
+    el("controls").hidden = true;
     show("auth");
-    if (!el("token-form").hidden) el("token").focus();
+    if (!closed) el("token").focus();
   }
 
   function showEmpty(doc) {
@@ -161,6 +163,7 @@
       render(doc);
     } catch (error) {
       if (error instanceof AccessError) {
+        storeToken("");  // refused: ask again rather than resend it
         showAuth(error);
       } else {
         showStatus("Could not load the statistics: " + error.message, true, error.details);
