@@ -375,7 +375,11 @@ def open_dashboard(browser: Browser) -> Iterator[Callable[[str], Session]]:
 
 
 @pytest.fixture(scope="module")
-def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Fleet]]:
+def token_server(
+    browser: Browser, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Fleet]]:
+    """A server with the admin token and the known fleet (after the browser: no browser, no
+    server to start)."""
     db = tmp_path_factory.mktemp("dashboard") / "fleet.db"
     fleet = seed_fleet(db)
     with serving(serve_argv(db, "--admin-token", TOKEN)) as (url, _process):
@@ -538,7 +542,9 @@ def test_dashboard_shows_the_servers_refusal_of_a_wrong_token(
 
 
 @pytest.fixture(scope="module")
-def empty_public_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def empty_public_server(
+    browser: Browser, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     db = tmp_path_factory.mktemp("empty") / "empty.db"
     with serving(serve_argv(db, "--public-stats")) as (url, _process):
         yield url
