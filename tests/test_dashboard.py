@@ -18,6 +18,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -256,7 +257,9 @@ def seed_fleet(db: Path) -> Fleet:
         finally:
             await storage.close()
 
-    asyncio.run(write())
+    # Playwright's sync API runs an event loop in this thread: the storage gets one of its own.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, write()).result()
     for at, (reports, checks) in earlier.items():
         key = datetime.fromtimestamp(at, UTC).date().isoformat()
         fleet.daily_instances[key] = len(reports)
