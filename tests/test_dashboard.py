@@ -292,6 +292,22 @@ def post_today(base_url: str, fleet: Fleet) -> None:
     fleet.daily_versions[fleet.today] = {fleet.latest: 4, fleet.previous: 1}
 
 
+def wait_for_aggregates(url: str, fleet: Fleet) -> None:
+    """Until the stats API counts every report written (its aggregates follow the reports
+    every ``--stats-interval``); a hang guard, not a timing."""
+    expected = sum(fleet.daily_instances.values())  # one report per instance here
+    deadline = time.monotonic() + 30
+    while True:
+        status, document = fetch(
+            f"{url}/v1/stats?days=7", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert status == 200, document
+        if document["reports"] == expected:
+            return
+        assert time.monotonic() < deadline, f"stats never counted {expected}: {document}"
+        time.sleep(0.05)
+
+
 def fetch(
     url: str, *, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None
 ) -> tuple[int, Any]:
@@ -385,8 +401,10 @@ def token_server(
     server to start)."""
     db = tmp_path_factory.mktemp("dashboard") / "fleet.db"
     fleet = seed_fleet(db)
-    with serving(serve_argv(db, "--admin-token", TOKEN)) as (url, _process):
+    argv = serve_argv(db, "--admin-token", TOKEN, "--stats-interval", "0.1")
+    with serving(argv) as (url, _process):
         post_today(url, fleet)
+        wait_for_aggregates(url, fleet)
         yield url, fleet
 
 

@@ -264,7 +264,10 @@
     destroyPlots();
     document.body.dataset.product = doc.product;
     document.body.dataset.days = String(doc.days);
-    el("subtitle").textContent = doc.product + " · " + doc.since + " to " + doc.until + " (UTC)";
+    const parts = [doc.product, doc.since + " to " + doc.until + " (UTC)"];
+    if (doc.aggregated_at) parts.push("updated " + doc.aggregated_at.replace("T", " ").slice(0, 16) + " UTC");
+    if (doc.public) parts.push("public view: small groups shown as other");
+    el("subtitle").textContent = parts.join(" · ");
     if (isEmpty(doc)) {
       document.body.dataset.state = "empty";
       showEmpty(doc);
@@ -308,21 +311,21 @@
     }));
   }
 
-  /** Versions (series) of the stacked chart: the document's order (newest first), then any
-   * version only the daily rows name, then "other" last. */
+  /** Versions (series) of the stacked chart, newest first and "other" last: the document's
+   * ``daily_versions`` (or, from an older server, its ``by_version`` order), keeping only the
+   * versions with instances in the window. */
   function adoptionModel(doc) {
     const daily = doc.daily || [];
     const seen = new Set();
-    for (const day of daily) for (const v of Object.keys(day.by_version || {})) seen.add(v);
-    const ordered = [];
-    for (const row of doc.by_version || []) {
-      if (seen.has(row.version)) {
-        ordered.push(row.version);
-        seen.delete(row.version);
-      }
+    for (const day of daily) {
+      for (const [v, n] of Object.entries(day.by_version || {})) if (n) seen.add(v);
     }
-    const rest = [...seen].filter((v) => v !== "other").sort(compareVersions).reverse();
-    ordered.push(...rest);
+    const named = Array.isArray(doc.daily_versions)
+      ? doc.daily_versions
+      : (doc.by_version || []).map((row) => row.version);
+    const ordered = named.filter((v) => v !== "other" && seen.has(v));
+    const rest = [...seen].filter((v) => v !== "other" && !ordered.includes(v));
+    ordered.push(...rest.sort(compareVersions).reverse());
     if (seen.has("other")) ordered.push("other");
     const values = ordered.map((v) => daily.map((d) => (d.by_version || {})[v] || 0));
     return { versions: ordered, values: values };
@@ -369,10 +372,6 @@
     const known = shares.filter((s) => s !== null);
     figure.dataset.series = JSON.stringify(["out of date"]);
     figure.dataset.total = String(daily.reduce((sum, d) => sum + (d.out_of_date || 0), 0));
-    if (doc.latest_release) {
-      el("outdated-caption").textContent =
-        "Instances on a version older than " + doc.latest_release + ", per day.";
-    }
     if (!known.length) return noData(figure, "No instances in this window.");
     makePlot(figure, {
       series: [
@@ -387,7 +386,9 @@
           value: (u, v, si, idx) => {
             if (idx === null || idx === undefined || v === null) return "–";
             const d = daily[idx];
-            return percent.format(v / 100) + " (" + fmt(d.out_of_date) + " of " + fmt(d.instances) + ")";
+            const behind = d.latest_release ? ", latest " + d.latest_release : "";
+            return percent.format(v / 100) + " (" + fmt(d.out_of_date) + " of " +
+              fmt(d.instances) + behind + ")";
           },
         },
       ],
@@ -678,7 +679,7 @@
   }
 
   function platformName(row) {
-    if (row.os === "other" && !row.arch) return "other";
+    if (row.os === "other") return "other";
     return (row.os || "unknown") + "/" + (row.arch || "unknown");
   }
 
