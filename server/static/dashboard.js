@@ -152,16 +152,24 @@
     await load();
   }
 
+  let loads = 0;
+
   async function load() {
-    showStatus("Loading…", false);
+    const ticket = ++loads;  // a newer selection wins over a slower, older answer
+    if (el("content").hidden) showStatus("Loading…", false);
+    document.body.classList.add("loading");
     el("forget-token").hidden = !memoryToken;
     try {
       const products = await api("v1/products");
+      if (ticket !== loads) return;
       fillProducts(products.products || []);
       const doc = await api("v1/stats", { product: state.product, days: String(state.days) });
+      if (ticket !== loads) return;
       el("controls").hidden = false;
+      el("forget-token").hidden = !memoryToken;
       render(doc);
     } catch (error) {
+      if (ticket !== loads) return;
       if (error instanceof AccessError) {
         storeToken("");  // refused: ask again rather than resend it
         showAuth(error);
@@ -169,6 +177,8 @@
         showStatus("Could not load the statistics: " + error.message, true, error.details);
         el("controls").hidden = false;
       }
+    } finally {
+      if (ticket === loads) document.body.classList.remove("loading");
     }
   }
 
@@ -293,7 +303,7 @@
     const instances = doc.instances || {};
     const tiles = [
       ["Latest release", doc.latest_release || "unknown", "in the release catalog", ""],
-      ["Instances, latest day", fmt(instances.latest_day), last ? last.day : "no data", ""],
+      ["Instances, latest day", fmt(instances.latest_day), doc.until, ""],
       ["Average per day", fmt(instances.average_daily), "peak " + fmt(instances.peak_daily), ""],
       ["Out of date", share === null ? "–" : percent.format(share),
         last ? fmt(last.out_of_date) + " of " + fmt(last.instances) + " instances" : "no data",
@@ -464,7 +474,7 @@
     figure.dataset.total = String(rows.reduce((sum, r) => sum + (r.instances || 0), 0));
     const box = figure.querySelector(".bars");
     if (!rows.length) return noData(figure, "No heap usage reported in this window.");
-    const top = Math.max(...rows.map((r) => r.p99 || r.p90 || r.p50));
+    const top = Math.max(1, ...rows.map((r) => r.p99 || r.p90 || r.p50));
     const grid = document.createElement("div");
     grid.className = "hbars";
     for (const row of rows) {
