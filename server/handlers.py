@@ -87,6 +87,11 @@ async def get_dashboard(request: web.Request) -> web.Response:
     return dashboard.answer(request, page, dashboard.PAGE_CACHE)
 
 
+async def get_dashboard_slash(request: web.Request) -> web.Response:
+    """``GET /dashboard/``: to the page's one address (its links are relative to it)."""
+    raise web.HTTPMovedPermanently("../dashboard")
+
+
 async def get_dashboard_asset(request: web.Request) -> web.Response:
     """``GET /dashboard/assets/{name}``: a script, style sheet or image of the page."""
     return dashboard.asset_answer(request, request.match_info["name"])

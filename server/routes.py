@@ -15,6 +15,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/healthz", handlers.get_health),
     ("GET", "/readyz", handlers.get_readiness),
     ("GET", "/dashboard", handlers.get_dashboard),
+    ("GET", "/dashboard/", handlers.get_dashboard_slash),
     ("GET", "/dashboard/assets/{name:[A-Za-z0-9._/-]{1,100}}", handlers.get_dashboard_asset),
 )  # fmt: skip
 

@@ -178,6 +178,17 @@ async def test_dashboard_is_served_under_the_mount_prefix(
         assert (await client.get(f"/custom/{url}")).status == 200
 
 
+async def test_dashboard_with_a_trailing_slash_redirects_to_the_page(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    client = await aiohttp_client(create_app(make_settings(tmp_path, prefix="/custom")))
+    response = await client.get("/custom/dashboard/", allow_redirects=False)
+    assert response.status == 301
+    assert response.headers["Location"] == "../dashboard"
+    followed = await client.get("/custom/dashboard/")
+    assert followed.status == 200 and str(followed.url).endswith("/custom/dashboard")
+
+
 def test_every_static_file_ships_in_the_package() -> None:
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
