@@ -192,11 +192,15 @@ async def test_dashboard_with_a_trailing_slash_redirects_to_the_page(
 def test_every_static_file_ships_in_the_package() -> None:
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
-    patterns = config["options.package_data"]["opa_telemetry_server"].split()
+    packages = config["options"]["packages"].split()
+    package_data = config["options.package_data"]
     for path in STATIC.rglob("*"):
         if path.is_file():
-            name = path.relative_to(REPO / "server").as_posix()
-            assert any(fnmatch.fnmatch(name, p) for p in patterns), f"{name} is not package_data"
+            folder = path.parent.relative_to(REPO / "server").as_posix().replace("/", ".")
+            package = f"opa_telemetry_server.{folder}"
+            assert package in packages, f"{package} is not a package in setup.cfg"
+            patterns = [p.strip() for p in package_data.get(package, "").split(",")]
+            assert any(fnmatch.fnmatch(path.name, p) for p in patterns), f"{path} not shipped"
     assert (STATIC / "vendor" / "uPlot.LICENSE").read_text().startswith("The MIT License")
     assert "vendor/uPlot.iife.min.js" in assets()
 
