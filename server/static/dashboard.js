@@ -370,7 +370,7 @@
     });
     makePlot(figure, {
       series: series,
-      axes: [timeAxis(), { values: (u, ticks) => ticks.map(fmtAxis), size: 56 }],
+      axes: [timeAxis(), valueAxis({ values: (u, ticks) => ticks.map(fmtAxis), size: 56 })],
       scales: { y: { range: (u, min, max) => [0, niceMax(max)] } },
     }, [xs(daily), ...stacked]);
   }
@@ -402,7 +402,7 @@
           },
         },
       ],
-      axes: [timeAxis(), { values: (u, ticks) => ticks.map((t) => t + "%"), size: 48 }],
+      axes: [timeAxis(), valueAxis({ values: (u, ticks) => ticks.map((t) => t + "%"), size: 48 })],
       scales: { y: { range: [0, 100] } },
     }, [xs(daily), shares.map((s) => (s === null ? null : s * 100))]);
   }
@@ -429,7 +429,7 @@
           value: (u, v) => (v === null || v === undefined ? "–" : fmt(v)),
         },
       ],
-      axes: [timeAxis(), { values: (u, ticks) => ticks.map(fmtAxis), size: 48 }],
+      axes: [timeAxis(), valueAxis({ values: (u, ticks) => ticks.map(fmtAxis), size: 48 })],
       scales: {
         x: { time: true, range: (u, min, max) => [min - halfDay, max + halfDay] },
         y: { range: (u, min, max) => [0, niceMax(max)] },
@@ -603,15 +603,31 @@
     box.replaceChildren(textElement("div", text, "nodata"));
   }
 
-  function timeAxis() {
+  /** Axis colours from the style sheet, so that the charts follow a dark colour scheme. */
+  function axisColors() {
+    const style = getComputedStyle(document.documentElement);
+    const color = (name, fallback) => style.getPropertyValue(name).trim() || fallback;
+    const grid = color("--grid", "#e6eaef");
     return {
+      stroke: color("--muted", "#5f6b7a"),
+      grid: { stroke: grid, width: 1 },
+      ticks: { stroke: grid, width: 1 },
+    };
+  }
+
+  function valueAxis(options) {
+    return Object.assign(axisColors(), options);
+  }
+
+  function timeAxis() {
+    return Object.assign(axisColors(), {
       space: 60,
       values: [
         [86400 * 28, "{MMM} {YYYY}", null, null, null, null, null, null, 1],
         [86400, "{MMM} {D}", null, null, null, null, null, null, 1],
         [3600, "{MMM} {D}", null, null, null, null, null, null, 1],
       ],
-    };
+    });
   }
 
   function xs(daily) {
