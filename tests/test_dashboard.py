@@ -243,48 +243,57 @@ def opa_report(version: str, os_name: str, arch: str, heap: int) -> Report:
     return parse_report(json.dumps(body).encode(), client, json.loads)
 
 
+# The six days before today, oldest first: (instances per (version, os, arch, heap), checks).
+# The latest release rolls out on arm64 while the previous and an old one fade.
+EARLIER_DAYS: tuple[tuple[dict[tuple[str, str, str, int], int], int], ...] = (
+    ({("old", "darwin", "arm64", 30_000_000): 2, ("previous", "linux", "amd64", 9_000_000): 4}, 1),
+    ({("old", "darwin", "arm64", 31_000_000): 2, ("previous", "linux", "amd64", 9_500_000): 5}, 2),
+    ({("old", "darwin", "arm64", 29_000_000): 1, ("previous", "linux", "amd64", 10_000_000): 5,
+      ("latest", "linux", "arm64", 19_000_000): 1}, 1),
+    ({("old", "darwin", "arm64", 30_000_000): 1, ("previous", "linux", "amd64", 11_000_000): 4,
+      ("latest", "linux", "arm64", 20_000_000): 2}, 3),
+    ({("old", "darwin", "arm64", 30_000_000): 1, ("previous", "linux", "amd64", 10_000_000): 3,
+      ("latest", "linux", "arm64", 21_000_000): 3}, 2),
+    ({("previous", "linux", "amd64", 12_000_000): 2, ("latest", "linux", "arm64", 20_000_000): 4},
+     1),
+)  # fmt: skip
+
+
 def seed_fleet(db: Path) -> Fleet:
-    """Two earlier days written through the storage layer's write path (the day is the
-    write's time); today's reports are posted to the running server by :func:`post_today`."""
+    """:data:`EARLIER_DAYS` written through the storage layer's write path (a write's time is
+    its day); today's reports are posted to the running server by :func:`post_today`."""
     latest, previous, old = catalog_versions()
+    names = {"latest": latest, "previous": previous, "old": old}
     now = time.time()
-    day = timedelta(days=1)
     today = datetime.fromtimestamp(now, UTC).date()
     fleet = Fleet(latest, previous, old, today.isoformat())
-    earlier = {
-        now - 2 * 86400: (
-            [(previous, "linux", "amd64", 10_000_000)] * 3 + [(old, "darwin", "arm64", 30_000_000)],
-            2,
-        ),
-        now - 86400: (
-            [(previous, "linux", "amd64", 12_000_000)] * 2
-            + [(latest, "linux", "arm64", 20_000_000)] * 2,
-            1,
-        ),
-    }
+    batches = []
+    for days_ago, (groups, checks) in zip(
+        range(len(EARLIER_DAYS), 0, -1), EARLIER_DAYS, strict=True
+    ):
+        key = (today - timedelta(days=days_ago)).isoformat()
+        reports = []
+        versions: dict[str, int] = {}
+        for (name, os_name, arch, heap), count in groups.items():
+            reports += [opa_report(names[name], os_name, arch, heap) for _ in range(count)]
+            versions[names[name]] = versions.get(names[name], 0) + count
+            fleet.platforms.add(f"{os_name}/{arch}")
+        batches.append((now - days_ago * 86400, reports, checks))
+        fleet.daily_instances[key] = len(reports)
+        fleet.daily_checks[key] = checks
+        fleet.daily_versions[key] = versions
 
     async def write() -> None:
         storage = await Storage.open(db)
         try:
-            for at, (reports, checks) in earlier.items():
-                batch = [opa_report(*r) for r in reports]
-                await storage.write_batch(batch, ["opa"] * checks, at)
+            for at, reports, checks in batches:
+                await storage.write_batch(reports, ["opa"] * checks, at)
         finally:
             await storage.close()
 
     # Playwright's sync API runs an event loop in this thread: the storage gets one of its own.
     with ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, write()).result()
-    for at, (reports, checks) in earlier.items():
-        key = datetime.fromtimestamp(at, UTC).date().isoformat()
-        fleet.daily_instances[key] = len(reports)
-        fleet.daily_checks[key] = checks
-        versions: dict[str, int] = {}
-        for version, os_name, arch, _heap in reports:
-            versions[version] = versions.get(version, 0) + 1
-            fleet.platforms.add(f"{os_name}/{arch}")
-        fleet.daily_versions[key] = versions
-    assert (today - 2 * day).isoformat() in fleet.daily_instances
     return fleet
 
 
@@ -493,7 +502,7 @@ def test_dashboard_asks_for_the_token_then_shows_the_fleet(
     assert tiles["Out of date"] == "20%"  # 1 of today's 5 instances
 
     # Numbers on hover: the legend reads out the day under the cursor.
-    two_days_ago = min(fleet.daily_instances)
+    two_days_ago = sorted(fleet.daily_instances)[-3]  # the window's fifth of seven days
     box = page.locator("#chart-adoption .u-over").bounding_box()
     assert box is not None
     page.mouse.move(box["x"] + box["width"] * 4 / 6, box["y"] + box["height"] / 2)
@@ -501,7 +510,9 @@ def test_dashboard_asks_for_the_token_then_shows_the_fleet(
         "#chart-adoption .u-legend .u-series td", "tds => tds.map(t => t.textContent.trim())"
     )
     assert values[0] == two_days_ago
-    assert values[1 + series.index(fleet.previous)] == "3"
+    for version in series:
+        shown = values[1 + series.index(version)]
+        assert shown == str(fleet.daily_versions[two_days_ago].get(version, 0)), version
     page.hover(f"#chart-heap .track[data-version='{fleet.latest}']")
     tooltip = page.text_content("#tooltip") or ""
     assert page.is_visible("#tooltip") and f"v{fleet.latest}" in tooltip and "p50" in tooltip
