@@ -59,7 +59,8 @@ def parse_stats_query(query: Mapping[str, str]) -> StatsQuery:
     if raw_days.isascii() and raw_days.isdigit() and len(raw_days) <= 4:
         days = int(raw_days)
     if not 1 <= days <= MAX_DAYS:
-        problems.append(f"days: expected a whole number from 1 to {MAX_DAYS}, got {raw_days[:16]!r}")
+        expected = f"a whole number from 1 to {MAX_DAYS}"
+        problems.append(f"days: expected {expected}, not {raw_days[:16]!r}")
     if problems:
         raise QueryError("invalid query parameters", problems)
     return StatsQuery(product, days)
@@ -128,10 +129,10 @@ def build_document(
     )
     latest_by_day = _latest_release_by_day(catalog.releases(product), since, until)
 
-    daily = []
-    day = since
-    while day <= until:
-        key = day.isoformat()
+    daily: list[dict[str, Any]] = []
+    current = since
+    while current <= until:
+        key = current.isoformat()
         instances, reports, checks = by_day.get(key, (0, 0, 0))
         versions = day_versions.get(key, {})
         named = {v: versions.get(v, 0) for v in top}
@@ -154,7 +155,7 @@ def build_document(
                 "by_version": named,
             }
         )
-        day += timedelta(days=1)
+        current += timedelta(days=1)
 
     platforms = _fold(
         [
@@ -339,11 +340,14 @@ class Aggregator:
         self._db = db
         self._interval = interval
         self._shards = shards
+        self._lock = asyncio.Lock()  # one run at a time on the one connection
         self.runs = 0
 
     async def run_once(self) -> AggregateResult:
-        result = await self._storage.aggregate(self._shards(self._db))
-        self.runs += 1
+        """Bring the aggregates up to date now (waits for a run in progress)."""
+        async with self._lock:
+            result = await self._storage.aggregate(self._shards(self._db))
+            self.runs += 1
         return result
 
     async def run(self) -> None:

@@ -102,7 +102,7 @@ class ProcessMetrics:
         """The exposition text: this process (or every worker) plus the shared state."""
         if self.multiprocess_dir:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=self.multiprocess_dir)
+            MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
             own = generate_latest(registry)
         else:
             own = generate_latest(self.registry)

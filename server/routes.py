@@ -37,7 +37,8 @@ def setup_routes(app: web.Application, prefix: str = "") -> None:
             router.add_route(method, prefix + path, handler)
     for method, path, _ in ROUTES:
         allowed = ["GET", "HEAD"] if method == "GET" else [method]
-        router.add_route("*", prefix + path, counted(path, json_errors(method_not_allowed(allowed))))
+        refuse = counted(path, json_errors(method_not_allowed(allowed)))
+        router.add_route("*", prefix + path, refuse)
     router.add_route("*", "/{tail:.*}", counted(UNMATCHED, json_errors(not_found)))
 
 

@@ -13,14 +13,16 @@ import datetime
 import json
 import logging
 import math
+import os
 import re
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiosqlite
 
@@ -29,7 +31,6 @@ from .errors import CatalogError, SchemaError, StorageUnavailableError
 from .migrations import MIGRATIONS
 from .protocol import Report
 from .releases import Catalog, Release, release_from_mapping
-from .versions import parse_version
 
 logger = logging.getLogger(__name__)
 
@@ -302,27 +303,40 @@ class Storage:
         synchronous: str = "full",
         busy_timeout_ms: int = 5000,
         wal_checkpoint_pages: int = 1000,
+        migrate: bool = True,
     ) -> Storage:
-        """Open (creating if needed) and migrate the database at ``path``.
+        """Open the database at ``path``: with ``migrate``, create it if missing and apply the
+        schema steps it lacks (only the server does this); without, open an existing database
+        of exactly this version's schema and change nothing.
 
-        Raises :class:`SchemaError` when the file is not a database this version can use
-        (corrupt, or migrated by a newer version).
+        Raises :class:`SchemaError`, with a message a person can act on, when the path cannot
+        be a database (a directory, a missing folder, no permission) or the file is not one
+        this version can use (not SQLite, not ours, older without ``migrate``, newer).
         """
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise SchemaError(
                 f"SQLite {sqlite3.sqlite_version} is too old: opa-telemetry needs"
                 f" {'.'.join(map(str, MIN_SQLITE))} or newer (its JSON operators)"
             )
-        conn = await aiosqlite.connect(str(path), isolation_level=None)
+        # A few stat calls at open time, before any connection exists: not worth a thread.
+        uri = _database_uri(Path(path), create=migrate)
+        try:
+            conn = await aiosqlite.connect(uri, isolation_level=None, uri=True)
+        except sqlite3.Error as exc:
+            raise SchemaError(f"{path}: cannot open the database: {exc}") from None
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            await conn.execute("PRAGMA journal_mode = WAL")
+            if migrate:
+                await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_checkpoint_pages)}")
             await conn.execute(f"PRAGMA synchronous = {_checked_synchronous(synchronous)}")
-            await _migrate(conn)
+            if migrate:
+                await _migrate(conn)
+            else:
+                await _check_current(conn, path)
         except sqlite3.DatabaseError as exc:
             await conn.close()
-            raise SchemaError(f"{path}: cannot use this database: {exc}") from exc
+            raise SchemaError(f"{path}: cannot use this database: {exc}") from None
         except BaseException:
             await conn.close()
             raise
@@ -503,24 +517,32 @@ class Storage:
         """
         started = time.time() if now is None else now
         watermark = await self.meta(WATERMARK_KEY)
-        since = utc_day(watermark or 0)
-        result = AggregateResult()
         async with self._attached(shards) as sources:
-            product_days: dict[tuple[str, str], int] = {}
-            for source in sources:
-                for product in await self._distinct_products(source):
-                    for day in await self._distinct_days(source, product, since):
-                        product_days.setdefault((product, day), 0)
-            async with self._conn.execute(CHECK_DAYS_SQL, (since,)) as cursor:
-                for product, day, checks in await cursor.fetchall():
-                    product_days[(product, day)] = int(checks)
-            if len(sources) > 1:
-                await self._conn.execute(DAY_ROWS_SQL)
-            for (product, day), checks in sorted(product_days.items()):
-                result.instances += await self._aggregate_day(sources, product, day, checks)
-                result.days += 1
+            result = await self._aggregate_range(sources, utc_day(watermark or 0))
         await self.set_meta(WATERMARK_KEY, int(started - lag))
         await self.set_meta(AGGREGATED_AT_KEY, int(started))
+        return result
+
+    async def _aggregate_range(
+        self, sources: Sequence[str], since: str, before: str | None = None
+    ) -> AggregateResult:
+        """Rewrite the aggregates of every product-day from ``since`` (and before ``before``)
+        that has raw rows or release checks in ``sources`` (attached by :meth:`_attached`)."""
+        product_days: dict[tuple[str, str], int] = {}
+        for source in sources:
+            for product in await self._distinct_products(source):
+                for day in await self._distinct_days(source, product, since, before):
+                    product_days.setdefault((product, day), 0)
+        async with self._conn.execute(CHECK_DAYS_SQL, (since,)) as cursor:
+            for product, day, checks in await cursor.fetchall():
+                if before is None or day < before:
+                    product_days[(product, day)] = int(checks)
+        if len(sources) > 1:
+            await self._conn.execute(DAY_ROWS_SQL)
+        result = AggregateResult()
+        for (product, day), checks in sorted(product_days.items()):
+            result.instances += await self._aggregate_day(sources, product, day, checks)
+            result.days += 1
         return result
 
     async def _aggregate_day(
@@ -543,8 +565,8 @@ class Storage:
         ):
             async with self._conn.execute(sql.format(rows=rows), args) as cursor:
                 detail[table] = [(product, day, *row) for row in await cursor.fetchall()]
-        instances = sum(row[3] for row in detail["stats_versions"])
-        reports = sum(row[4] for row in detail["stats_versions"])
+        instances = sum(int(row[3]) for row in detail["stats_versions"])
+        reports = sum(int(row[4]) for row in detail["stats_versions"])
         await self._conn.execute("BEGIN IMMEDIATE")
         try:
             if not instances:  # raw rows already purged, or release checks only
@@ -575,14 +597,16 @@ class Storage:
                 return products
             products.append(row[0])
 
-    async def _distinct_days(self, source: str, product: str, since: str) -> list[str]:
+    async def _distinct_days(
+        self, source: str, product: str, since: str, before: str | None
+    ) -> list[str]:
         days: list[str] = []
         sql = NEXT_DAY_SQL.format(source=source)
         after = (datetime.date.fromisoformat(since) - datetime.timedelta(days=1)).isoformat()
         while True:
             async with self._conn.execute(sql, (product, days[-1] if days else after)) as cursor:
                 row = await cursor.fetchone()
-            if row is None:
+            if row is None or (before is not None and row[0] >= before):
                 return days
             days.append(row[0])
 
@@ -615,11 +639,11 @@ class Storage:
                 results.append([tuple(row) for row in await cursor.fetchall()])
         days, versions, platforms, min_compatible, heaps = results
         return Window(
-            days=days,  # type: ignore[arg-type]
-            versions=versions,  # type: ignore[arg-type]
-            platforms=platforms,  # type: ignore[arg-type]
-            min_compatible=min_compatible,  # type: ignore[arg-type]
-            heaps=heaps,  # type: ignore[arg-type]
+            days=days,
+            versions=versions,
+            platforms=platforms,
+            min_compatible=min_compatible,
+            heaps=heaps,
             aggregated_at=await self.meta(AGGREGATED_AT_KEY),
         )
 
@@ -647,7 +671,8 @@ class Storage:
 
     async def roll_up_and_purge(self, before: str, shards: Sequence[Path] = ()) -> PurgeResult:
         """For every UTC day before ``before`` that still has raw rows (here or in ``shards``),
-        write its daily rollups, then delete its raw rows; one transaction per day.
+        write its statistics aggregates and daily rollups, then delete its raw rows; one
+        transaction per day.
 
         Run it on a connection of its own (not the ingest writer's): the transaction must not
         take in the writer's statements. An instance that reached two worker shards on one day
@@ -659,6 +684,8 @@ class Storage:
                 "SELECT DISTINCT day FROM all_reports WHERE day < ? ORDER BY day", (before,)
             ) as cursor:
                 days = [day for (day,) in await cursor.fetchall()]
+            if days:  # the statistics keep these days once their raw rows are gone
+                await self._aggregate_range(sources, days[0], before)
             for day in days:
                 await self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -678,6 +705,18 @@ class Storage:
                     raise
                 result.days += 1
         return result
+
+    async def count_expired(self, before: str, shards: Sequence[Path] = ()) -> PurgeResult:
+        """What :meth:`roll_up_and_purge` would do for ``before``: the days it would roll up
+        and the raw rows it would delete (here and in ``shards``); changes nothing."""
+        async with (
+            self._attached(shards),
+            self._conn.execute(
+                "SELECT count(DISTINCT day), count(*) FROM all_reports WHERE day < ?", (before,)
+            ) as cursor,
+        ):
+            days, rows = await cursor.fetchone() or (0, 0)
+        return PurgeResult(days=int(days), rows_deleted=int(rows))
 
     @contextlib.asynccontextmanager
     async def _attached(self, shards: Sequence[Path]) -> AsyncIterator[list[str]]:
@@ -742,6 +781,50 @@ def _release_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Release:
         }
     )
     return replace(release, id=int(release_id))
+
+
+def _database_uri(path: Path, *, create: bool) -> str:
+    """The SQLite URI to open ``path`` with (``mode=rw`` never creates the file), after
+    refusing in words a path that cannot hold the database (SQLite says it less clearly)."""
+    uri = f"file:{quote(str(path.resolve()))}?mode={'rwc' if create else 'rw'}"
+    if path.is_dir():
+        raise SchemaError(f"{path} is a directory; --db takes a database file")
+    if path.exists():
+        return uri
+    if not create:
+        raise SchemaError(f"{path}: no such database (start the server once, or check --db)")
+    if not path.parent.is_dir():
+        raise SchemaError(
+            f"{path}: the directory {path.parent} does not exist (create it, or choose another"
+            " --db)"
+        )
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise SchemaError(f"{path}: cannot create the database: {path.parent} is not writable")
+    return uri
+
+
+async def _check_current(conn: aiosqlite.Connection, path: str | Path) -> None:
+    """Raise :class:`SchemaError` unless ``conn`` holds exactly this version's schema."""
+    version, target = await _user_version(conn), len(MIGRATIONS)
+    async with conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ) as cursor:
+        row = await cursor.fetchone()
+    if version == 0 or not row or not row[0]:
+        raise SchemaError(
+            f"{path} is not an opa-telemetry database (start the server with it once to"
+            " create one, or check --db)"
+        )
+    if version < target:
+        raise SchemaError(
+            f"{path} has schema version {version}, older than this version's {target}:"
+            " start the server once to upgrade it"
+        )
+    if version > target:
+        raise SchemaError(
+            f"{path} has schema version {version}, newer than this version's {target};"
+            " upgrade opa-telemetry"
+        )
 
 
 async def _user_version(conn: aiosqlite.Connection) -> int:
