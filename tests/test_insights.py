@@ -4,7 +4,13 @@ document), who may read it, products, and the aggregates behind them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
+import sqlite3
+import time
+import urllib.error
+import urllib.request
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
 from opa_telemetry_server.app import create_app
 from opa_telemetry_server.appkeys import INSIGHTS
 from opa_telemetry_server.cli import main
@@ -22,10 +29,11 @@ from opa_telemetry_server.insights import (
     heap_bucket_value,
     parse_stats_query,
 )
+from opa_telemetry_server.metrics import top_versions
 from opa_telemetry_server.releases import Catalog, release_from_mapping
-from opa_telemetry_server.storage import Window
+from opa_telemetry_server.storage import Window, shard_path
 
-from .conftest import AiohttpClient, make_settings
+from .conftest import AiohttpClient, make_settings, serve_argv, serving
 
 TOKEN = "s3cret-token-for-tests"  # noqa: S105 - a test token
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -360,3 +368,117 @@ def test_heap_percentiles_merge_histograms_across_days() -> None:
         heap_bucket_value(200),
     )
     assert 2**20 <= heap_bucket_value(160) < 2**20 * 2 ** (1 / 8)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (fails if absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        sample, value = line.rsplit(" ", 1)
+        sample_name, _, rest = sample.partition("{")
+        found = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if sample_name == name and found == wanted:
+            return float(value)
+    raise AssertionError(f"no sample {name}{{{wanted}}} in:\n{text}")
+
+
+async def test_metrics_count_requests_reports_batches_and_the_fleet(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    client = await serve(aiohttp_client, tmp_path)
+    await fleet(client)  # 11 reports from 10 instances
+    bad = await client.post("/v1/version", data=b"{", headers={"Content-Type": "application/json"})
+    assert bad.status == 400
+    assert (await client.get("/nowhere")).status == 404
+    latest = await client.get("/repos/open-policy-agent/opa/releases/latest")
+    assert latest.status == 200
+    response = await client.get("/metrics", headers=AUTH)
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    text = await response.text()
+    assert metric(text, "opa_telemetry_requests_total", route="/v1/version", status="200") == 11
+    assert metric(text, "opa_telemetry_requests_total", route="/v1/version", status="400") == 1
+    assert metric(text, "opa_telemetry_requests_total", route="unmatched", status="404") == 1
+    route = "/repos/{owner}/{repo}/releases/latest"
+    assert metric(text, "opa_telemetry_requests_total", route=route, status="200") == 1
+    assert metric(text, "opa_telemetry_reports_accepted_total") == 11
+    assert metric(text, "opa_telemetry_version_checks_accepted_total") == 1
+    assert metric(text, "opa_telemetry_ingest_queue_depth") == 0
+    assert metric(text, "opa_telemetry_ingest_batch_size_count") == 12  # one request at a time
+    assert metric(text, "opa_telemetry_ingest_batch_size_sum") == 12
+    assert metric(text, "opa_telemetry_ingest_commit_seconds_count") == 12
+    assert metric(text, "opa_telemetry_fleet_instances", product="opa", version="1.20.2") == 7
+    assert metric(text, "opa_telemetry_fleet_instances", product="opa", version="0.70.0") == 1
+    assert 0 <= metric(text, "opa_telemetry_catalog_age_seconds") < 60
+    assert metric(text, "opa_telemetry_catalog_releases", product="opa") > 100
+    assert metric(text, "opa_telemetry_stats_aggregated_timestamp_seconds") > 1.7e9
+    assert metric(text, "opa_telemetry_retention_last_run_timestamp_seconds") >= 0
+    again = await (await client.get("/metrics", headers=AUTH)).text()
+    # The scrape itself was counted, and counters never go back.
+    assert metric(again, "opa_telemetry_requests_total", route="/metrics", status="200") == 1
+    assert metric(again, "opa_telemetry_reports_accepted_total") == 11
+
+
+def test_fleet_gauge_keeps_the_top_twenty_versions_and_folds_the_rest() -> None:
+    counts = [("opa", f"1.{n}.0", n) for n in range(1, 31)] + [("myapp", "2.0.0", 3)]
+    top = top_versions(counts)
+    opa = [(v, n) for p, v, n in top if p == "opa"]
+    assert len(opa) == 21
+    assert opa[0] == ("1.30.0", 30) and opa[19] == ("1.11.0", 11)
+    assert opa[20] == ("other", sum(range(1, 11)))
+    assert ("myapp", "2.0.0", 3) in top
+
+
+def get_json(url: str, headers: dict[str, str]) -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - 127.0.0.1 only
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - 127.0.0.1
+            body = response.read()
+            return response.status, body if url.endswith("/metrics") else json.loads(body)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def test_two_workers_answer_stats_and_metrics_for_both_shards(tmp_path: Path) -> None:
+    db = tmp_path / "w.db"
+    argv = serve_argv(db, "--workers", "2", "--admin-token", TOKEN, "--stats-interval", "0.2")
+    with serving(argv) as (url, process):
+        config = LoadConfig(
+            parse_target(url), concurrency=16, requests=600, duration=None, instances=40, seed=3
+        )
+        result = await run_load(config)
+        assert result.summary()["statuses"] == {"200": 600}
+        with contextlib.ExitStack() as stack:
+            conns = [stack.enter_context(sqlite3.connect(p)) for p in (db, shard_path(db, 1))]
+            per_shard = [c.execute("SELECT count(*) FROM reports").fetchone()[0] for c in conns]
+            ids = set()
+            for conn in conns:
+                ids |= {i for (i,) in conn.execute("SELECT instance_id FROM reports")}
+        assert all(per_shard), "both workers took reports"
+        assert sum(per_shard) > len(ids), "some instances reached both workers"
+        deadline = time.monotonic() + 20
+        stats: dict[str, Any] = {}
+        scraped = [b""] * 6
+        while time.monotonic() < deadline:  # aggregation and metrics flushes are periodic
+            _, stats = await asyncio.to_thread(get_json, f"{url}/v1/stats?days=1", AUTH)
+            scraped = [
+                (await asyncio.to_thread(get_json, f"{url}/metrics", AUTH))[1] for _ in range(6)
+            ]
+            if stats["reports"] == 600 and all(
+                b"opa_telemetry_reports_accepted_total 600.0" in text for text in scraped
+            ):
+                break
+            await asyncio.sleep(0.2)
+        assert stats["reports"] == 600
+        assert stats["instances"]["latest_day"] == len(ids)  # each instance once
+        for text in scraped:  # whichever worker answered, it answered for both
+            reports = metric(text.decode(), "opa_telemetry_reports_accepted_total")
+            assert reports == 600
+            answered = metric(
+                text.decode(), "opa_telemetry_requests_total", route="/v1/version", status="200"
+            )
+            assert answered == 600
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
