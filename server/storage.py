@@ -148,25 +148,12 @@ ON CONFLICT (product, day, instance_id) DO UPDATE SET
                                  excluded.min_compatible_version, min_compatible_version)
 """
 
-DAY_VERSIONS_SQL = """
-SELECT version, count(*), sum(report_count) FROM {rows}
-WHERE product = ? AND day = ? GROUP BY version
-"""
-
-DAY_PLATFORMS_SQL = """
-SELECT coalesce(os, ''), coalesce(arch, ''), count(*) FROM {rows}
-WHERE product = ? AND day = ? GROUP BY 1, 2
-"""
-
-DAY_MIN_COMPATIBLE_SQL = """
-SELECT coalesce(min_compatible_version, ''), count(*) FROM {rows}
-WHERE product = ? AND day = ? GROUP BY 1
-"""
-
-# Bucket b holds heaps in [2^(b/8), 2^((b+1)/8)) bytes; 0 and 1 byte fall in bucket 0.
-DAY_HEAPS_SQL = """
-SELECT version, CAST(floor(log2(max(heap_usage_bytes, 1)) * 8) AS INTEGER), count(*)
-FROM {rows} WHERE product = ? AND day = ? AND heap_usage_bytes IS NOT NULL GROUP BY 1, 2
+# One pass (one sort) over a product-day's rows, split into the four detail tables in Python.
+# Heap bucket b holds heaps in [2^(b/8), 2^((b+1)/8)) bytes; 0 and 1 byte fall in bucket 0.
+DAY_GROUPS_SQL = """
+SELECT version, coalesce(os, ''), coalesce(arch, ''), coalesce(min_compatible_version, ''),
+       CAST(floor(log2(max(heap_usage_bytes, 1)) * 8) AS INTEGER), count(*), sum(report_count)
+FROM {rows} WHERE product = ? AND day = ? GROUP BY 1, 2, 3, 4, 5
 """
 
 # The next product (or day) after the given one that has raw rows: one seek in the primary
@@ -556,17 +543,30 @@ class Storage:
             await self._conn.execute("DELETE FROM temp.day_rows")
             for source in sources:
                 await self._conn.execute(MERGE_DAY_ROWS_SQL.format(source=source), args)
-        detail: dict[str, list[tuple[Any, ...]]] = {}
-        for table, sql in (
-            ("stats_versions", DAY_VERSIONS_SQL),
-            ("stats_platforms", DAY_PLATFORMS_SQL),
-            ("stats_min_compatible", DAY_MIN_COMPATIBLE_SQL),
-            ("stats_heaps", DAY_HEAPS_SQL),
-        ):
-            async with self._conn.execute(sql.format(rows=rows), args) as cursor:
-                detail[table] = [(product, day, *row) for row in await cursor.fetchall()]
-        instances = sum(int(row[3]) for row in detail["stats_versions"])
-        reports = sum(int(row[4]) for row in detail["stats_versions"])
+        async with self._conn.execute(DAY_GROUPS_SQL.format(rows=rows), args) as cursor:
+            groups = await cursor.fetchall()
+        versions: Counter[str] = Counter()
+        reports_by_version: Counter[str] = Counter()
+        platforms: Counter[tuple[str, str]] = Counter()
+        min_compatible: Counter[str] = Counter()
+        heaps: Counter[tuple[str, int]] = Counter()
+        for version, os_name, arch, minimum, bucket, count, reports in groups:
+            versions[version] += count
+            reports_by_version[version] += reports
+            platforms[(os_name, arch)] += count
+            min_compatible[minimum] += count
+            if bucket is not None:
+                heaps[(version, bucket)] += count
+        detail: dict[str, list[tuple[Any, ...]]] = {
+            "stats_versions": [
+                (product, day, v, n, reports_by_version[v]) for v, n in versions.items()
+            ],
+            "stats_platforms": [(product, day, o, a, n) for (o, a), n in platforms.items()],
+            "stats_min_compatible": [(product, day, m, n) for m, n in min_compatible.items()],
+            "stats_heaps": [(product, day, v, b, n) for (v, b), n in heaps.items()],
+        }
+        instances = sum(versions.values())
+        reports = sum(reports_by_version.values())
         await self._conn.execute("BEGIN IMMEDIATE")
         try:
             if not instances:  # raw rows already purged, or release checks only
