@@ -57,6 +57,7 @@ def main() -> int:
     if args.db.exists():
         parser.error(f"{args.db} exists: give a new path")
     asyncio.run(build(args.db, args.instances, args.days, random.Random(args.seed)))
+    print(f"{args.db}: {args.db.stat().st_size / 2**20:,.0f} MiB")
     return 0
 
 
@@ -95,8 +96,7 @@ async def build(db: Path, instances: int, days: int, rng: random.Random) -> None
         result = await storage.aggregate()
         print(
             f"aggregated {result.days} product-days in {time.monotonic() - aggregating:.1f} s;"
-            f" {rows:,} raw rows, {db.stat().st_size / 2**20:,.0f} MiB,"
-            f" {time.monotonic() - started:.0f} s in all"
+            f" {rows:,} raw rows, {time.monotonic() - started:.0f} s in all"
         )
     finally:
         await storage.close()

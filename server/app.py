@@ -9,7 +9,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +16,7 @@ from aiohttp import web
 from .appkeys import CODEC, INSIGHTS, INTAKE, REPOS, REQUESTS, SETTINGS, STORAGE, Insights, Intake
 from .catalog import CatalogCache
 from .codec import json_codec
+from .database import open_storage
 from .http_errors import install_address_redaction
 from .ingest import Ingest
 from .insights import Aggregator
@@ -26,7 +26,7 @@ from .ratelimit import RateLimiter
 from .releases import bundled_releases
 from .routes import setup_routes
 from .settings import Settings
-from .storage import RETENTION_RUN_KEY, PurgeResult, Storage, existing_shards, shard_path
+from .storage import RETENTION_RUN_KEY, PurgeResult, existing_shards, shard_path
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +75,6 @@ def create_app(
     setup_routes(app, settings.prefix)
     app.cleanup_ctx.append(partial(_databases, worker=worker, metrics_dir=metrics_dir))
     return app
-
-
-async def open_storage(settings: Settings, path: str | Path, *, migrate: bool = True) -> Storage:
-    """Open ``path`` with the settings' SQLite options; only ``serve`` migrates."""
-    return await Storage.open(
-        path,
-        migrate=migrate,
-        synchronous=settings.synchronous,
-        busy_timeout_ms=int(settings.busy_timeout * 1000),
-        wal_checkpoint_pages=settings.wal_checkpoint_pages,
-    )
 
 
 async def prepare_database(settings: Settings) -> None:

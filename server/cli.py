@@ -2,7 +2,8 @@
 
 The only module that reads ``sys.argv`` or ``os.environ``. Every ``serve`` flag comes from a
 :class:`Settings` field and can also be set by its env var (``OPA_TELEMETRY_SERVER_<NAME>``);
-a flag beats the env var, which beats the default.
+a flag beats the env var, which beats the default. The web stack (aiohttp, the app) is
+imported only by the commands that need it, so that ``stats`` and ``releases`` start fast.
 """
 
 from __future__ import annotations
@@ -29,19 +30,9 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from aiohttp import web
-
 from . import __version__
-from .app import (
-    aggregate_now,
-    create_app,
-    open_storage,
-    prepare_database,
-    purge_expired,
-    runner_options,
-)
+from .database import open_storage
 from .errors import CatalogError, QueryError, TelemetryError, UsageError
-from .http_errors import ACCESS_LOG_FORMAT
 from .insights import (
     DEFAULT_DAYS,
     MAX_DAYS,
@@ -356,6 +347,8 @@ def _supervise(settings: Settings) -> int:
     every worker exited cleanly after SIGINT/SIGTERM, 1 if one died on its own (the others are
     then stopped too, so a process manager can restart the whole server).
     """
+    from .app import aggregate_now, prepare_database
+
     asyncio.run(prepare_database(settings))
     reserved = None
     if settings.port == 0:  # pick the port here so that every worker binds the same one
@@ -471,6 +464,11 @@ async def serve(
 
     ``ready`` receives the base URL once the socket listens (default: print it).
     """
+    from aiohttp import web
+
+    from .app import create_app, runner_options
+    from .http_errors import ACCESS_LOG_FORMAT
+
     # Handlers first: a SIGTERM that arrives while we start (or right after "listening") must
     # still mean "drain and exit 0", never the default of dying on the spot.
     stop = asyncio.Event()
@@ -619,6 +617,8 @@ def _run_purge(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    from .app import purge_expired
+
     result = asyncio.run(purge_expired(settings, announce=announce, dry_run=args.dry_run))
     if result.days:
         print(f"{result.days} days rolled up, {result.rows_deleted} raw rows deleted")
@@ -633,6 +633,8 @@ def _run_stats(args: argparse.Namespace) -> int:
         raise UsageError("; ".join(f"--{detail}" for detail in exc.details)) from None
     settings = settings_from_args(args)
     if args.refresh:
+        from .app import aggregate_now
+
         asyncio.run(aggregate_now(settings, migrate=False))
 
     async def work(storage: Storage) -> tuple[dict[str, Any], list[ProductCounts]]:

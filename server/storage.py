@@ -162,6 +162,9 @@ NEXT_PRODUCT_SQL = "SELECT product FROM {source}.reports WHERE product > ? ORDER
 NEXT_DAY_SQL = """
 SELECT day FROM {source}.reports WHERE product = ? AND day > ? ORDER BY day LIMIT 1
 """
+CHANGED_SINCE_SQL = """
+SELECT 1 FROM {source}.reports WHERE product = ? AND day = ? AND last_seen_at >= ? LIMIT 1
+"""
 CHECK_DAYS_SQL = """
 SELECT product, day, sum(check_count) FROM all_version_checks WHERE day >= ? GROUP BY 1, 2
 """
@@ -505,16 +508,27 @@ class Storage:
         started = time.time() if now is None else now
         watermark = await self.meta(WATERMARK_KEY)
         async with self._attached(shards) as sources:
-            result = await self._aggregate_range(sources, utc_day(watermark or 0))
+            result = await self._aggregate_range(
+                sources, utc_day(watermark or 0), changed_since=watermark
+            )
         await self.set_meta(WATERMARK_KEY, int(started - lag))
         await self.set_meta(AGGREGATED_AT_KEY, int(started))
         return result
 
     async def _aggregate_range(
-        self, sources: Sequence[str], since: str, before: str | None = None
+        self,
+        sources: Sequence[str],
+        since: str,
+        before: str | None = None,
+        *,
+        changed_since: int | None = None,
     ) -> AggregateResult:
         """Rewrite the aggregates of every product-day from ``since`` (and before ``before``)
-        that has raw rows or release checks in ``sources`` (attached by :meth:`_attached`)."""
+        that has raw rows or release checks in ``sources`` (attached by :meth:`_attached`).
+
+        With ``changed_since``, a product-day none of whose rows was seen at or after that
+        time is not re-read (an idle server's run costs a few seeks); only its release
+        checks are brought up to date."""
         product_days: dict[tuple[str, str], int] = {}
         for source in sources:
             for product in await self._distinct_products(source):
@@ -528,9 +542,22 @@ class Storage:
             await self._conn.execute(DAY_ROWS_SQL)
         result = AggregateResult()
         for (product, day), checks in sorted(product_days.items()):
+            if changed_since is not None and not await self._changed(
+                sources, product, day, changed_since
+            ):
+                await self._conn.execute(UPDATE_STATS_CHECKS_SQL, (product, day, checks))
+                continue
             result.instances += await self._aggregate_day(sources, product, day, checks)
             result.days += 1
         return result
+
+    async def _changed(self, sources: Sequence[str], product: str, day: str, since: int) -> bool:
+        for source in sources:
+            sql = CHANGED_SINCE_SQL.format(source=source)
+            async with self._conn.execute(sql, (product, day, since)) as cursor:
+                if await cursor.fetchone():
+                    return True
+        return False
 
     async def _aggregate_day(
         self, sources: Sequence[str], product: str, day: str, checks: int

@@ -164,9 +164,10 @@ async def test_aggregation_rereads_only_days_since_its_watermark(storage: Storag
     await storage.aggregate(now=DAY2 + 3600)  # the watermark moves past DAY1
     with sqlite3.connect(storage.path) as conn:  # a change to an old day is not re-read
         conn.execute("UPDATE reports SET report_count = 50")
-    await storage.write_batch([report("00000000-0000-4000-8000-000000000009")], [], DAY2)
+    await storage.write_batch([report("00000000-0000-4000-8000-000000000009")], [], DAY2 + 3700)
     result = await storage.aggregate(now=DAY2 + 7200)
     assert result.days == 1
+    assert (await storage.aggregate(now=DAY2 + 7300)).days == 0  # nothing new: no day re-read
     window = await storage.window("opa", "2026-09-21", "2026-09-22")
     assert window.days == [("2026-09-21", 1, 1, 0), ("2026-09-22", 1, 1, 0)]
 
