@@ -376,13 +376,16 @@ def _supervise(settings: Settings) -> int:
         stopping = True
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    started = 0
     try:
         for worker in workers:
             worker.start()
-        started = 0
         while started < len(workers) and not stopping:
             try:
-                ready.get(timeout=0.2)
+                news = ready.get(timeout=0.2)
+                if isinstance(news, str):  # a worker could not start, and says why
+                    _stop_workers(workers, settings, code=1)
+                    raise TelemetryError(news)
                 started += 1
             except queue.Empty:
                 if any(not w.is_alive() for w in workers):
@@ -406,11 +409,12 @@ def _supervise(settings: Settings) -> int:
         else:
             os.environ[MULTIPROCESS_ENV] = previous_env
         metrics_dir.cleanup()
-        # Every worker has drained: the aggregates now include each acknowledged report.
-        try:
-            asyncio.run(aggregate_now(settings, migrate=False))
-        except Exception:
-            logger.warning("statistics aggregation after the workers stopped failed", exc_info=True)
+        if started == len(workers):
+            # Every worker has drained: the aggregates now include each acknowledged report.
+            try:
+                asyncio.run(aggregate_now(settings, migrate=False))
+            except Exception as exc:  # noqa: BLE001 - the server has stopped; say so and go
+                logger.warning("statistics aggregation after the workers stopped: %s", exc)
 
 
 def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int) -> int:
@@ -430,15 +434,23 @@ def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int)
 
 
 def _worker(
-    settings: Settings, index: int, ready: multiprocessing.queues.Queue[int], metrics_dir: str
+    settings: Settings,
+    index: int,
+    ready: multiprocessing.queues.Queue[int | str],
+    metrics_dir: str,
 ) -> None:
-    """One worker process: serve on the shared port until SIGTERM (or SIGINT)."""
+    """One worker process: serve on the shared port until SIGTERM (or SIGINT). It reports
+    its index once it listens, or the one-line reason it could not start."""
     _configure_logging(settings)
-    with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
-        runner.run(
-            serve(settings, lambda _: ready.put(index), worker=index, reuse_port=True,
-                  metrics_dir=metrics_dir)
-        )  # fmt: skip
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
+            runner.run(
+                serve(settings, lambda _: ready.put(index), worker=index, reuse_port=True,
+                      metrics_dir=metrics_dir)
+            )  # fmt: skip
+    except (TelemetryError, OSError) as exc:
+        ready.put(f"worker {index}: {_describe(exc)}")
+        sys.exit(1)
 
 
 def _loop_factory(fast: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
