@@ -126,11 +126,11 @@ async def _databases(
             read_timeout=settings.read_timeout,
             requests=app[REQUESTS],
         )  # fmt: skip
-        reader = await open_storage(settings, settings.db)
+        reader = await open_storage(settings, settings.db, migrate=False)
         stack.push_async_callback(reader.close)
         aggregator = None
         if worker == 0:
-            aggregating = await open_storage(settings, settings.db)
+            aggregating = await open_storage(settings, settings.db, migrate=False)
             stack.push_async_callback(aggregating.close)
             aggregator = Aggregator(
                 aggregating, settings.db, settings.stats_interval, existing_shards

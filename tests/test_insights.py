@@ -19,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
-from opa_telemetry_server.app import create_app
+from opa_telemetry_server.app import create_app, prepare_database, purge_expired
 from opa_telemetry_server.appkeys import INSIGHTS
 from opa_telemetry_server.cli import main
 from opa_telemetry_server.insights import (
@@ -31,7 +31,7 @@ from opa_telemetry_server.insights import (
 )
 from opa_telemetry_server.metrics import top_versions
 from opa_telemetry_server.releases import Catalog, release_from_mapping
-from opa_telemetry_server.storage import Window, shard_path
+from opa_telemetry_server.storage import RETENTION_RUN_KEY, Storage, Window, shard_path
 
 from .conftest import AiohttpClient, make_settings, serve_argv, serving
 
@@ -482,3 +482,43 @@ async def test_two_workers_answer_stats_and_metrics_for_both_shards(tmp_path: Pa
             assert answered == 600
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 30) == 0
+
+
+async def test_cli_prints_days_and_the_public_view(
+    aiohttp_client: AiohttpClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = await serve(aiohttp_client, tmp_path)
+    await fleet(client)
+    db = client.app[INSIGHTS].reader.path
+    assert await asyncio.to_thread(main, ["stats", "--db", db, "--days", "2", "--daily"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "DAY",
+        "(UTC)",
+        "INSTANCES",
+        "REPORTS",
+        "CHECKS",
+        "OUT",
+        "OF",
+        "DATE",
+    ]
+    assert lines[1].split()[1:] == ["0", "0", "0", "-"]
+    assert lines[2].split()[1:] == ["10", "11", "0", "30.0%"]
+    argv = ["stats", "--db", db, "--days", "1", "--json", "--public", "--min-group-size", "2"]
+    assert await asyncio.to_thread(main, argv) == 0
+    public = json.loads(capsys.readouterr().out)
+    assert public["public"] is True
+    assert [v["version"] for v in public["by_version"]] == ["1.20.2", "1.19.0", "other"]
+
+
+async def test_retention_runs_are_recorded_for_the_metrics(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, retention_days=30)
+    await prepare_database(settings)
+    before = time.time()
+    await purge_expired(settings)
+    storage = await Storage.open(settings.db, migrate=False)
+    try:
+        recorded = await storage.meta(RETENTION_RUN_KEY)
+    finally:
+        await storage.close()
+    assert recorded is not None and int(before) <= recorded <= time.time() + 1
