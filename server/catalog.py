@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ class CatalogCache:
         self._interval = interval
         self._dumps = dumps
         self._generation = -1
+        self.checked_at: float | None = None  # when the database last confirmed this copy
         self._answers: dict[tuple[str, Version, str | None, str | None], bytes] = {}
         self.catalog = Catalog()
 
@@ -48,10 +50,12 @@ class CatalogCache:
         """Reload if the catalog changed since the last load; returns whether it did."""
         generation = await self._storage.catalog_generation()
         if generation == self._generation:
+            self.checked_at = time.time()
             return False
         self.catalog = await self._storage.load_catalog()
         self._answers = {}
         self._generation = generation
+        self.checked_at = time.time()
         return True
 
     async def run(self) -> None:

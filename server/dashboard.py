@@ -108,9 +108,9 @@ def page(access: str) -> Asset:
 
 def access_mode(settings: Settings) -> str:
     """How the stats routes are opened, for the page to know whether to ask for a token."""
-    if getattr(settings, "public_stats", False):
+    if settings.public_stats:
         return "public"
-    if getattr(settings, "admin_token", ""):
+    if settings.admin_token:
         return "token"
     return "closed"
 

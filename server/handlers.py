@@ -9,7 +9,8 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from . import dashboard
-from .appkeys import CODEC, INTAKE, REPOS, SETTINGS, STORAGE, Intake
+from .access import View, authorize
+from .appkeys import CODEC, INSIGHTS, INTAKE, REPOS, REQUESTS, SETTINGS, STORAGE, Intake
 from .errors import (
     BodyTooLargeError,
     NotFoundError,
@@ -18,8 +19,14 @@ from .errors import (
     UnsupportedMediaTypeError,
 )
 from .http_errors import error_answer
+from .insights import parse_stats_query, products_document, stats_document, utc_today
+from .metrics import CONTENT_TYPE, FleetState
 from .protocol import parse_report, parse_user_agent, product_slug
 from .releases import Release, asset_url
+from .storage import AGGREGATED_AT_KEY, RETENTION_RUN_KEY
+
+VERSION_ROUTE = "/v1/version"
+_VERSION_OK = (VERSION_ROUTE, 200)
 
 
 async def post_version(request: web.Request) -> web.StreamResponse:
@@ -38,9 +45,12 @@ async def post_version(request: web.Request) -> web.StreamResponse:
         report = parse_report(body, client, intake.loads, intake.extra_keys, intake.extra_max_bytes)
         await intake.ingest.submit(report)
         answer = intake.catalog.answer(report.product, report.version, report.os, report.arch)
+        intake.requests[_VERSION_OK] += 1
         return web.Response(body=answer, content_type="application/json")
     except Exception as exc:  # noqa: BLE001 (error_answer logs the unexpected ones)
-        return error_answer(request, exc)
+        response = error_answer(request, exc)
+        request.app[REQUESTS][(VERSION_ROUTE, response.status)] += 1
+        return response
 
 
 # Handlers that turn their own errors into JSON answers; ``routes`` wraps all the others.
@@ -79,6 +89,45 @@ async def get_readiness(request: web.Request) -> web.Response:
     await request.app[STORAGE].ping()
     ingest = request.app[INTAKE].ingest
     return _json(request, {"status": "ready", "pending": ingest.pending + ingest.writing})
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    """``GET /v1/stats?product=&days=``: the statistics document (``stats --json``)."""
+    settings = request.app[SETTINGS]
+    view = authorize(request.headers, settings)
+    query = parse_stats_query(request.query)
+    document = await stats_document(
+        request.app[INSIGHTS].reader,
+        request.app[INTAKE].catalog.catalog,
+        query,
+        min_group_size=settings.min_group_size if view is View.PUBLIC else 0,
+    )
+    return _json(request, document)
+
+
+async def get_products(request: web.Request) -> web.Response:
+    """``GET /v1/products``: every product with its release and report counts."""
+    authorize(request.headers, request.app[SETTINGS])
+    products = await request.app[INSIGHTS].reader.products(utc_today().isoformat())
+    return _json(request, products_document(products))
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text for the whole server (every worker)."""
+    authorize(request.headers, request.app[SETTINGS])
+    insights, intake = request.app[INSIGHTS], request.app[INTAKE]
+    reader = insights.reader
+    insights.metrics.flush(request.app[REQUESTS], intake.ingest)
+    catalog = intake.catalog
+    fleet = FleetState(
+        version_counts=await reader.day_version_counts(utc_today().isoformat()),
+        catalog_checked_at=catalog.checked_at,
+        catalog_releases=await reader.release_counts(),
+        retention_run_at=await reader.meta(RETENTION_RUN_KEY),
+        aggregated_at=await reader.meta(AGGREGATED_AT_KEY),
+    )
+    body = insights.metrics.render(fleet)
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
 
 
 async def get_dashboard(request: web.Request) -> web.Response:

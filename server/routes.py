@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import handlers
+from .appkeys import REQUESTS
 from .http_errors import Handler, json_errors, method_not_allowed, not_found
 
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
@@ -14,10 +15,15 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
      handlers.get_release_assets),
     ("GET", "/healthz", handlers.get_health),
     ("GET", "/readyz", handlers.get_readiness),
+    # The read side: closed unless --admin-token or --public-stats (see ``access``).
+    ("GET", "/v1/stats", handlers.get_stats),
+    ("GET", "/v1/products", handlers.get_products),
+    ("GET", "/metrics", handlers.get_metrics),
     ("GET", "/dashboard", handlers.get_dashboard),
     ("GET", "/dashboard/", handlers.get_dashboard_slash),
     ("GET", "/dashboard/assets/{name:[A-Za-z0-9._/-]{1,100}}", handlers.get_dashboard_asset),
 )  # fmt: skip
+UNMATCHED = "unmatched"  # the route label of requests no route matched
 
 
 def setup_routes(app: web.Application, prefix: str = "") -> None:
@@ -26,13 +32,25 @@ def setup_routes(app: web.Application, prefix: str = "") -> None:
     JSON error shape."""
     router = app.router
     for method, path, handler in ROUTES:
-        if handler not in handlers.SELF_ANSWERING_ERRORS:
-            handler = json_errors(handler)
+        if handler not in handlers.SELF_ANSWERING_ERRORS:  # those count their own answers
+            handler = counted(path, json_errors(handler))
         if method == "GET":
             router.add_get(prefix + path, handler)  # also answers HEAD
         else:
             router.add_route(method, prefix + path, handler)
     for method, path, _ in ROUTES:
         allowed = ["GET", "HEAD"] if method == "GET" else [method]
-        router.add_route("*", prefix + path, json_errors(method_not_allowed(allowed)))
-    router.add_route("*", "/{tail:.*}", json_errors(not_found))
+        refuse = counted(path, json_errors(method_not_allowed(allowed)))
+        router.add_route("*", prefix + path, refuse)
+    router.add_route("*", "/{tail:.*}", counted(UNMATCHED, json_errors(not_found)))
+
+
+def counted(route: str, handler: Handler) -> Handler:
+    """Wrap ``handler`` so that each answer bumps the app's (route, status) tally."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        response = await handler(request)
+        request.app[REQUESTS][(route, response.status)] += 1
+        return response
+
+    return wrapped

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from opa_telemetry_server import errors
 from opa_telemetry_server.app import purge_expired
@@ -221,6 +224,9 @@ def test_the_server_errors_form_the_documented_tree() -> None:
     tree = {
         errors.RequestError: errors.TelemetryError,
         errors.ReportError: errors.RequestError,
+        errors.QueryError: errors.RequestError,
+        errors.UnauthorizedError: errors.RequestError,
+        errors.ForbiddenError: errors.RequestError,
         errors.NotFoundError: errors.RequestError,
         errors.SlowRequestError: errors.RequestError,
         errors.UnsupportedMediaTypeError: errors.RequestError,
@@ -243,3 +249,18 @@ def test_the_server_errors_form_the_documented_tree() -> None:
         if isinstance(value, type) and issubclass(value, errors.TelemetryError)
     }
     assert defined == {*tree, errors.TelemetryError}, "an error is missing from the tree"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_one_line_from_serve_and_from_its_workers(
+    tmp_path: Path, workers: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run_server_cli(
+            "serve", "--port", port, "--db", str(tmp_path / "t.db"), "--workers", workers,
+            "--log-level", "warning",
+        )  # fmt: skip
+    assert_one_line_error(result, 1, "address already in use")

@@ -388,7 +388,7 @@ def open_dashboard(browser: Browser) -> Iterator[Callable[[str], Session]]:
     contexts = []
 
     def open_(url: str) -> Session:
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        context = browser.new_context(viewport={"width": 1280, "height": 1200})
         contexts.append(context)
         page = context.new_page()
         session = Session(page)
@@ -408,7 +408,7 @@ def open_dashboard(browser: Browser) -> Iterator[Callable[[str], Session]]:
         context.route("**/*", route)
         page.on("console", console)
         page.on("pageerror", lambda error: session.errors.append(f"pageerror: {error}"))
-        page.on("request", session.requests.append)
+        page.on("request", lambda request: session.requests.append(request))
         page.goto(url)
         return session
 
@@ -440,7 +440,8 @@ def sign_in(session: Session, token: str) -> None:
 
 
 def wait_ready(page: Page) -> None:
-    page.wait_for_function("document.body.dataset.state === 'ready'", timeout=15_000)
+    # Selectors, not wait_for_function: the page's CSP forbids evaluating strings.
+    page.wait_for_selector("body[data-state='ready']", state="attached", timeout=15_000)
 
 
 def table(page: Page, table_id: str) -> list[list[str]]:
@@ -473,7 +474,7 @@ def test_dashboard_asks_for_the_token_then_shows_the_fleet(
 
     # The window selector: 7 days, remembered in the page's URL (never the token).
     page.select_option("#days", "7")
-    page.wait_for_function("document.body.dataset.days === '7'")
+    page.wait_for_selector("body[data-days='7']", state="attached")
     wait_ready(page)
     assert page.url.endswith("/dashboard?product=opa&days=7")
 
@@ -503,9 +504,10 @@ def test_dashboard_asks_for_the_token_then_shows_the_fleet(
 
     # Numbers on hover: the legend reads out the day under the cursor.
     two_days_ago = sorted(fleet.daily_instances)[-3]  # the window's fifth of seven days
-    box = page.locator("#chart-adoption .u-over").bounding_box()
+    over = page.locator("#chart-adoption .u-over")
+    box = over.bounding_box()
     assert box is not None
-    page.mouse.move(box["x"] + box["width"] * 4 / 6, box["y"] + box["height"] / 2)
+    over.hover(position={"x": box["width"] * 4 / 6, "y": box["height"] / 2})
     values = page.eval_on_selector_all(
         "#chart-adoption .u-legend .u-series td", "tds => tds.map(t => t.textContent.trim())"
     )
@@ -518,7 +520,7 @@ def test_dashboard_asks_for_the_token_then_shows_the_fleet(
     assert page.is_visible("#tooltip") and f"v{fleet.latest}" in tooltip and "p50" in tooltip
 
     SCREENSHOT_DIR.mkdir(exist_ok=True)
-    page.mouse.move(box["x"] + box["width"] * 5 / 6, box["y"] + box["height"] / 3)
+    over.hover(position={"x": box["width"] * 5 / 6, "y": box["height"] / 3})  # for the picture
     page.screenshot(path=str(SCREENSHOT_DIR / "dashboard.png"), full_page=True)
 
     # The table view holds the same numbers.
@@ -577,7 +579,7 @@ def test_dashboard_shows_the_servers_refusal_of_a_wrong_token(
     session = open_dashboard(f"{url}/dashboard")
     sign_in(session, wrong)
     page = session.page
-    page.wait_for_function("document.getElementById('auth-message').textContent !== ''")
+    page.wait_for_selector("#auth-message:not(:empty)")
     status, body = api_refusal(f"{url}/v1/products", wrong)
     assert status == 403
     assert page.text_content("#auth-message") == body["error"]
@@ -602,7 +604,7 @@ def test_dashboard_of_an_empty_public_fleet_is_a_friendly_empty_state(
 ) -> None:
     session = open_dashboard(f"{empty_public_server}/dashboard")
     page = session.page
-    page.wait_for_function("document.body.dataset.state === 'empty'", timeout=15_000)
+    page.wait_for_selector("body[data-state='empty']", state="attached", timeout=15_000)
     assert page.is_visible("#empty") and page.is_hidden("#auth")
     assert "No reports yet" in (page.text_content("#empty") or "")
     assert f"OPA_TELEMETRY_SERVICE_URL={empty_public_server}" in (page.text_content("#empty") or "")
@@ -618,7 +620,7 @@ def test_dashboard_of_a_closed_server_says_how_to_open_it(
     with serving(serve_argv(tmp_path / "closed.db")) as (url, _process):
         session = open_dashboard(f"{url}/dashboard")
         page = session.page
-        page.wait_for_function("document.getElementById('auth-message').textContent !== ''")
+        page.wait_for_selector("#auth-message:not(:empty)")
         status, body = api_refusal(f"{url}/v1/products", None)
         assert status == 403
         assert page.text_content("#auth-message") == body["error"]

@@ -37,13 +37,31 @@ def test_readme_what_is_stored_names_every_column(tmp_path: Path) -> None:
     asyncio.run(create())
     section = stored_section()
     with sqlite3.connect(tmp_path / "t.db") as conn:
-        for table in ("reports", "version_checks", "daily_rollups"):
+        for table in (
+            "reports",
+            "version_checks",
+            "daily_rollups",
+            "stats_days",
+            "stats_versions",
+            "stats_platforms",
+            "stats_min_compatible",
+            "stats_heaps",
+        ):
             assert f"`{table}`" in section
             for (column,) in conn.execute("SELECT name FROM pragma_table_info(?)", (table,)):
                 assert f"`{column}`" in section, f"{table}.{column} is not documented"
         tables = {
             name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
-    assert tables == {"reports", "version_checks", "daily_rollups", "releases", "meta"}, (
-        "a new table: document it"
-    )
+    assert tables == {
+        "reports",
+        "version_checks",
+        "daily_rollups",
+        "releases",
+        "meta",
+        "stats_days",
+        "stats_versions",
+        "stats_platforms",
+        "stats_min_compatible",
+        "stats_heaps",
+    }, "a new table: document it"

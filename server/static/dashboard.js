@@ -622,6 +622,8 @@
   function timeAxis() {
     return Object.assign(axisColors(), {
       space: 60,
+      // Whole days only: the data is daily, a tick between two days would name one twice.
+      incrs: [86400, 2 * 86400, 7 * 86400, 14 * 86400, 28 * 86400, 91 * 86400, 182 * 86400],
       values: [
         [86400 * 28, "{MMM} {YYYY}", null, null, null, null, null, null, 1],
         [86400, "{MMM} {D}", null, null, null, null, null, null, 1],
