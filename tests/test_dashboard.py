@@ -105,6 +105,26 @@ async def test_dashboard_page_is_served_with_a_strict_csp_and_no_inline_code(
     assert page.urls, "the page loads its script and styles"
 
 
+@pytest.mark.parametrize(
+    ("overrides", "mode"),
+    [
+        ({}, "closed"),
+        ({"admin_token": TOKEN}, "token"),
+        ({"public_stats": True}, "public"),
+        ({"public_stats": True, "admin_token": TOKEN}, "public"),
+    ],
+)
+async def test_dashboard_page_says_how_the_stats_are_opened_and_holds_no_data(
+    aiohttp_client: AiohttpClient, tmp_path: Path, overrides: dict[str, Any], mode: str
+) -> None:
+    client = await aiohttp_client(create_app(make_settings(tmp_path, **overrides)))
+    response = await client.get("/dashboard")  # no token needed: the page holds no data
+    assert response.status == 200
+    html = await response.text()
+    assert parse_page(html).meta["opa-telemetry-access"] == mode
+    assert TOKEN not in html
+
+
 async def test_dashboard_page_loads_only_packaged_assets_by_versioned_url(
     client: TestClient[Any, Any],
 ) -> None:

@@ -136,7 +136,10 @@
       "No instance of " + doc.product + " has reported to this server in the last " +
       doc.days + " day" + (doc.days === 1 ? "" : "s") + ". Reports appear here as they arrive.";
     el("empty-howto").textContent =
-      "# point an OPA at this server:\nOPA_TELEMETRY_SERVICE_URL=" + base + " opa run --server";
+      "# point an OPA at this server (OPA up to v1.12):\n" +
+      "OPA_TELEMETRY_SERVICE_URL=" + base + " opa run --server\n" +
+      "# OPA v1.13 and later:\n" +
+      "OPA_VERSION_CHECK_SERVICE_URL=" + base + " opa run --server";
     show("empty");
   }
 
