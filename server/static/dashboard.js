@@ -13,6 +13,7 @@
     "#e377c2", "#17becf", "#bcbd22", "#393b79", "#ad494a", "#637939",
   ];
   const OTHER_COLOR = "#9aa5b1";
+  const HEAP_BARS = 8;  // versions drawn in the heap chart (all of them are in the table)
 
   const access = metaContent("opa-telemetry-access") || "token";
   const count = new Intl.NumberFormat("en-US", { maximumFractionDigits: 1 });
@@ -277,9 +278,9 @@
     destroyPlots();
     document.body.dataset.product = doc.product;
     document.body.dataset.days = String(doc.days);
-    const parts = [doc.product, doc.since + " to " + doc.until + " (UTC)"];
-    if (doc.aggregated_at) parts.push("updated " + doc.aggregated_at.replace("T", " ").slice(0, 16) + " UTC");
-    if (doc.public) parts.push("public view: small groups shown as other");
+    const parts = [doc.product, doc.since + " – " + doc.until + " UTC"];
+    if (doc.aggregated_at) parts.push("updated " + doc.aggregated_at.slice(11, 16) + " UTC");
+    if (doc.public) parts.push("public view");
     el("subtitle").textContent = parts.join(" · ");
     if (isEmpty(doc)) {
       document.body.dataset.state = "empty";
@@ -363,7 +364,7 @@
     model.versions.forEach((version, i) => {
       const color = colorFor(version, i);
       series.push({
-        label: version === "other" ? "other" : "v" + version.replace(/^v/, ""),
+        label: versionLabel(version),
         stroke: color,
         fill: color,
         width: 1,
@@ -427,6 +428,7 @@
           label: "release checks",
           stroke: "#2e7d4f",
           fill: "rgba(46, 125, 79, 0.7)",
+          width: daily.length > 60 ? 0 : 1,  // outlines would merge narrow bars into a block
           paths: bars,
           points: { show: false },
           value: (u, v) => (v === null || v === undefined ? "–" : fmt(v)),
@@ -472,7 +474,10 @@
 
   function renderHeap(doc) {
     const figure = el("chart-heap");
-    const rows = (doc.heap_by_version || []).filter((r) => r.p50 !== null && r.p50 !== undefined);
+    const all = (doc.heap_by_version || []).filter((r) => r.p50 !== null && r.p50 !== undefined);
+    // The most-run versions, newest first as the document lists them; the rest in the table.
+    const busiest = all.slice().sort((a, b) => b.instances - a.instances).slice(0, HEAP_BARS);
+    const rows = all.filter((r) => busiest.includes(r));
     figure.dataset.series = JSON.stringify(rows.map((r) => r.version));
     figure.dataset.total = String(rows.reduce((sum, r) => sum + (r.instances || 0), 0));
     const box = figure.querySelector(".bars");
@@ -481,9 +486,9 @@
     const grid = document.createElement("div");
     grid.className = "hbars";
     for (const row of rows) {
-      const tip = "v" + row.version.replace(/^v/, "") + " (" + fmt(row.instances) + " instances)\n" +
+      const tip = versionLabel(row.version) + " (" + fmt(row.instances) + " instances/day)\n" +
         "p50 " + bytes(row.p50) + "\np90 " + bytes(row.p90) + "\np99 " + bytes(row.p99);
-      const name = textElement("span", "v" + row.version.replace(/^v/, ""), "name");
+      const name = textElement("span", versionLabel(row.version), "name");
       const track = document.createElement("span");
       track.className = "track";
       for (const key of ["p99", "p90", "p50"]) {
@@ -502,6 +507,8 @@
     keys.className = "legend-keys";
     keys.append(textElement("span", "p50", "k50"), textElement("span", "p90", "k90"),
       textElement("span", "p99", "k99"));
+    const hidden = all.length - rows.length;
+    if (hidden) keys.append(textElement("em", hidden + " more in the table view", "more"));
     box.replaceChildren(grid, keys);
   }
 
@@ -510,7 +517,7 @@
     const model = adoptionModel(doc);
     const cards = [];
     cards.push(tableCard("table-daily", "Per day", [
-      "Day", "Instances", ...model.versions.map((v) => (v === "other" ? "other" : "v" + v)),
+      "Day", "Instances", ...model.versions.map(versionLabel),
       "Out of date", "Share out of date", "Reports", "Release checks",
     ], daily.slice().reverse().map((d) => [
       d.day, fmt(d.instances), ...model.versions.map((v) => fmt((d.by_version || {})[v] || 0)),
@@ -622,17 +629,55 @@
     return Object.assign(axisColors(), options);
   }
 
+  const DAY = 86400;
+  const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+  /** The x axis: ticks on whole UTC days (every 1, 2, 7 or 14 days) or, for long windows, on
+   * the first of every 1, 2, 3 or 6 months, as many as fit at about 64 px each. */
   function timeAxis() {
     return Object.assign(axisColors(), {
       space: 60,
-      // Whole days only: the data is daily, a tick between two days would name one twice.
-      incrs: [86400, 2 * 86400, 7 * 86400, 14 * 86400, 28 * 86400, 91 * 86400, 182 * 86400],
-      values: [
-        [86400 * 28, "{MMM} {YYYY}", null, null, null, null, null, null, 1],
-        [86400, "{MMM} {D}", null, null, null, null, null, null, 1],
-        [3600, "{MMM} {D}", null, null, null, null, null, null, 1],
-      ],
+      splits: (u, axisIdx, min, max) => daySplits(u, min, max),
+      values: (u, splits) => splits.map((ts, i) => tickLabel(u, ts, i)),
     });
+  }
+
+  function daySplits(u, min, max) {
+    const width = u.bbox.width / uPlot.pxRatio || 600;
+    const fit = Math.max(2, Math.floor(width / 64));
+    const first = Math.ceil(min / DAY) * DAY;
+    const days = (max - first) / DAY + 1;
+    for (const step of [1, 2, 7, 14]) {
+      if (days / step <= fit) {
+        const splits = [];
+        for (let t = first; t <= max; t += step * DAY) splits.push(t);
+        u.tickMonths = false;
+        return splits;
+      }
+    }
+    const span = days / 30.4;
+    const every = [1, 2, 3, 6, 12].find((m) => span / m <= fit) || 12;
+    const splits = [];
+    const start = new Date(first * 1000);
+    let year = start.getUTCFullYear();
+    let month = start.getUTCMonth() + (start.getUTCDate() === 1 ? 0 : 1);
+    for (;;) {
+      year += Math.floor(month / 12);
+      month %= 12;
+      const t = Date.UTC(year, month, 1) / 1000;
+      if (t > max) break;
+      if (month % every === 0) splits.push(t);
+      month += 1;
+    }
+    u.tickMonths = true;
+    return splits;
+  }
+
+  function tickLabel(u, ts, i) {
+    const date = new Date(ts * 1000);
+    const month = MONTHS[date.getUTCMonth()];
+    if (!u.tickMonths) return month + " " + date.getUTCDate();
+    return i === 0 || date.getUTCMonth() === 0 ? month + " " + date.getUTCFullYear() : month;
   }
 
   function xs(daily) {
@@ -712,6 +757,10 @@
   function platformName(row) {
     if (row.os === "other") return "other";
     return (row.os || "unknown") + "/" + (row.arch || "unknown");
+  }
+
+  function versionLabel(version) {
+    return version === "other" ? "other" : "v" + version.replace(/^v/, "");
   }
 
   function colorFor(version, i) {
