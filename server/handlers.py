@@ -114,7 +114,8 @@ async def get_products(request: web.Request) -> web.Response:
 
 async def get_metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text for the whole server (every worker)."""
-    authorize(request.headers, request.app[SETTINGS])
+    settings = request.app[SETTINGS]
+    view = authorize(request.headers, settings)
     insights, intake = request.app[INSIGHTS], request.app[INTAKE]
     reader = insights.reader
     insights.metrics.flush(request.app[REQUESTS], intake.ingest)
@@ -125,6 +126,7 @@ async def get_metrics(request: web.Request) -> web.Response:
         catalog_releases=await reader.release_counts(),
         retention_run_at=await reader.meta(RETENTION_RUN_KEY),
         aggregated_at=await reader.meta(AGGREGATED_AT_KEY),
+        min_group_size=settings.min_group_size if view is View.PUBLIC else 0,
     )
     body = insights.metrics.render(fleet)
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})

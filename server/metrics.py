@@ -120,22 +120,26 @@ class FleetState:
     catalog_releases: Sequence[tuple[str, int]]  # (product, releases)
     retention_run_at: int | None
     aggregated_at: int | None
+    min_group_size: int = 0  # public metrics: versions with fewer instances show as other
 
 
 def top_versions(
-    counts: Iterable[tuple[str, str, int]], limit: int = TOP_VERSIONS
+    counts: Iterable[tuple[str, str, int]], limit: int = TOP_VERSIONS, min_group_size: int = 0
 ) -> list[tuple[str, str, int]]:
     """Per product, the ``limit`` versions with most instances and one ``other`` for the rest
-    (so the number of series stays bounded whatever the fleet reports)."""
+    (so the number of series stays bounded whatever the fleet reports); with
+    ``min_group_size`` (public metrics), smaller versions go to ``other`` too."""
     by_product: dict[str, list[tuple[str, int]]] = {}
     for product, version, instances in counts:
         by_product.setdefault(product, []).append((version, instances))
     result = []
     for product in sorted(by_product):
         ranked = sorted(by_product[product], key=lambda pair: (-pair[1], pair[0]))
-        result += [(product, version, n) for version, n in ranked[:limit]]
-        if len(ranked) > limit:
-            result.append((product, "other", sum(n for _, n in ranked[limit:])))
+        shown = [pair for pair in ranked[:limit] if pair[1] >= min_group_size]
+        result += [(product, version, n) for version, n in shown]
+        if len(shown) < len(ranked):
+            rest = sum(n for _, n in ranked) - sum(n for _, n in shown)
+            result.append((product, "other", rest))
     return result
 
 
@@ -152,7 +156,9 @@ class _FleetCollector(Collector):
             f" (top {TOP_VERSIONS} versions, the rest as other), as of the last aggregation",
             labels=["product", "version"],
         )
-        for product, version, n in top_versions(fleet.version_counts):
+        for product, version, n in top_versions(
+            fleet.version_counts, min_group_size=fleet.min_group_size
+        ):
             instances.add_metric([product, version], n)
         yield instances
         releases = GaugeMetricFamily(

@@ -151,6 +151,19 @@ SCHEMA_V3 = (
         PRIMARY KEY (product, day, version, bucket)
     ) WITHOUT ROWID
     """,
+    # The same histograms summed over every day up to and including ``day`` (written for each
+    # day that has heaps), so that a window's histogram is two lookups and a subtraction
+    # (``until`` minus the day before ``since``) whatever its length.
+    """
+    CREATE TABLE stats_heap_totals (
+        product TEXT NOT NULL,
+        day TEXT NOT NULL,
+        version TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        instances INTEGER NOT NULL,
+        PRIMARY KEY (product, day, version, bucket)
+    ) WITHOUT ROWID
+    """,
     # Days that retention already rolled up (before this step) keep their counts.
     """
     INSERT INTO stats_days (product, day, instances, reports, version_checks)

@@ -208,9 +208,32 @@ WINDOW_MIN_COMPATIBLE_SQL = """
 SELECT min_compatible_version, sum(instances) FROM stats_min_compatible
 WHERE product = ? AND day BETWEEN ? AND ? GROUP BY 1
 """
+# The running totals at the window's end minus those before its start.
 WINDOW_HEAPS_SQL = """
-SELECT version, bucket, sum(instances) FROM stats_heaps
-WHERE product = ? AND day BETWEEN ? AND ? GROUP BY 1, 2
+SELECT version, bucket, sum(instances) FROM (
+    SELECT version, bucket, instances FROM stats_heap_totals
+    WHERE product = :product AND day = (
+        SELECT max(day) FROM stats_heap_totals WHERE product = :product AND day <= :until)
+    UNION ALL
+    SELECT version, bucket, -instances FROM stats_heap_totals
+    WHERE product = :product AND day = (
+        SELECT max(day) FROM stats_heap_totals WHERE product = :product AND day < :since)
+) GROUP BY 1, 2 HAVING sum(instances) > 0
+"""
+# One day's running totals: the previous day's that has any, plus the day's own histogram.
+HEAP_TOTALS_DAYS_SQL = """
+SELECT DISTINCT day FROM stats_heaps WHERE product = ? AND day >= ? ORDER BY day
+"""
+REPLACE_HEAP_TOTALS_SQL = """
+INSERT INTO main.stats_heap_totals (product, day, version, bucket, instances)
+SELECT :product, :day, version, bucket, sum(instances) FROM (
+    SELECT version, bucket, instances FROM main.stats_heap_totals
+    WHERE product = :product AND day = (
+        SELECT max(day) FROM main.stats_heap_totals WHERE product = :product AND day < :day)
+    UNION ALL
+    SELECT version, bucket, instances FROM main.stats_heaps
+    WHERE product = :product AND day = :day
+) GROUP BY version, bucket
 """
 PRODUCTS_SQL = """
 SELECT product, sum(reports), sum(iif(day = ?, instances, 0)) FROM stats_days GROUP BY 1
@@ -541,6 +564,7 @@ class Storage:
         if len(sources) > 1:
             await self._conn.execute(DAY_ROWS_SQL)
         result = AggregateResult()
+        first_changed: dict[str, str] = {}
         for (product, day), checks in sorted(product_days.items()):
             if changed_since is not None and not await self._changed(
                 sources, product, day, changed_since
@@ -549,7 +573,28 @@ class Storage:
                 continue
             result.instances += await self._aggregate_day(sources, product, day, checks)
             result.days += 1
+            first_changed.setdefault(product, day)
+        for product, day in first_changed.items():
+            await self._rebuild_heap_totals(product, day)
         return result
+
+    async def _rebuild_heap_totals(self, product: str, since: str) -> None:
+        """Recompute the running heap totals of ``product`` from day ``since`` on (normally
+        today only: days before it do not change)."""
+        async with self._conn.execute(HEAP_TOTALS_DAYS_SQL, (product, since)) as cursor:
+            days = [day for (day,) in await cursor.fetchall()]
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            await self._conn.execute(
+                "DELETE FROM main.stats_heap_totals WHERE product = ? AND day >= ?",
+                (product, since),
+            )
+            for day in days:
+                await self._conn.execute(REPLACE_HEAP_TOTALS_SQL, {"product": product, "day": day})
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
 
     async def _changed(self, sources: Sequence[str], product: str, day: str, since: int) -> bool:
         for source in sources:
@@ -660,11 +705,13 @@ class Storage:
             WINDOW_VERSIONS_SQL,
             WINDOW_PLATFORMS_SQL,
             WINDOW_MIN_COMPATIBLE_SQL,
-            WINDOW_HEAPS_SQL,
         ):
             async with self._conn.execute(sql, args) as cursor:
                 results.append([tuple(row) for row in await cursor.fetchall()])
-        days, versions, platforms, min_compatible, heaps = results
+        days, versions, platforms, min_compatible = results
+        named = {"product": product, "since": since, "until": until}
+        async with self._conn.execute(WINDOW_HEAPS_SQL, named) as cursor:
+            heaps = [tuple(row) for row in await cursor.fetchall()]
         return Window(
             days=days,
             versions=versions,
@@ -711,8 +758,11 @@ class Storage:
                 "SELECT DISTINCT day FROM all_reports WHERE day < ? ORDER BY day", (before,)
             ) as cursor:
                 days = [day for (day,) in await cursor.fetchall()]
-            if days:  # the statistics keep these days once their raw rows are gone
-                await self._aggregate_range(sources, days[0], before)
+            if days:  # the statistics must hold these days before their raw rows go
+                watermark = await self.meta(WATERMARK_KEY)
+                await self._aggregate_range(
+                    sources, utc_day(watermark or 0), changed_since=watermark
+                )
             for day in days:
                 await self._conn.execute("BEGIN IMMEDIATE")
                 try:

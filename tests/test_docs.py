@@ -46,6 +46,7 @@ def test_readme_what_is_stored_names_every_column(tmp_path: Path) -> None:
             "stats_platforms",
             "stats_min_compatible",
             "stats_heaps",
+            "stats_heap_totals",
         ):
             assert f"`{table}`" in section
             for (column,) in conn.execute("SELECT name FROM pragma_table_info(?)", (table,)):
@@ -64,4 +65,5 @@ def test_readme_what_is_stored_names_every_column(tmp_path: Path) -> None:
         "stats_platforms",
         "stats_min_compatible",
         "stats_heaps",
+        "stats_heap_totals",
     }, "a new table: document it"

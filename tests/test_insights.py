@@ -242,7 +242,12 @@ async def test_public_stats_fold_small_groups_into_other(
     full = await (await client.get("/v1/stats?days=1", headers=AUTH)).json()
     assert [v["version"] for v in full["by_version"]] == ["1.20.2", "1.19.0", "0.70.0"]
     assert full["public"] is False
-    assert (await client.get("/metrics")).status == 200
+    metrics = await client.get("/metrics")
+    assert metrics.status == 200
+    text = await metrics.text()
+    assert metric(text, "opa_telemetry_fleet_instances", product="opa", version="1.20.2") == 7
+    assert metric(text, "opa_telemetry_fleet_instances", product="opa", version="other") == 3
+    assert "1.19.0" not in text and "0.70.0" not in text
     assert (await client.get("/metrics", headers={"Authorization": "Bearer nope"})).status == 403
 
 
@@ -429,6 +434,9 @@ def test_fleet_gauge_keeps_the_top_twenty_versions_and_folds_the_rest() -> None:
     assert opa[0] == ("1.30.0", 30) and opa[19] == ("1.11.0", 11)
     assert opa[20] == ("other", sum(range(1, 11)))
     assert ("myapp", "2.0.0", 3) in top
+    public = top_versions(counts, min_group_size=5)
+    assert [v for p, v, _ in public if p == "myapp"] == ["other"]
+    assert ("opa", "other", sum(range(1, 11))) in public
 
 
 def get_json(url: str, headers: dict[str, str]) -> tuple[int, Any]:

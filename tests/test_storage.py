@@ -217,3 +217,29 @@ async def test_open_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> Non
     (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(SchemaError, match="cannot use"):
         await Storage.open(tmp_path / "junk.db")
+
+
+async def test_a_window_of_heaps_is_the_running_totals_difference(storage: Storage) -> None:
+    day3 = DAY2 + 86_400
+    await storage.write_batch([report(heap=1024)], [], DAY1)
+    await storage.write_batch([report(heap=2048)], [], DAY2)
+    await storage.write_batch([report(heap=4096), report("x" * 36, heap=4096)], [], day3)
+    await storage.aggregate(now=day3)
+
+    async def heaps(since: str, until: str) -> list[tuple[str, int, int]]:
+        return sorted((await storage.window("opa", since, until)).heaps)
+
+    assert await heaps("2026-09-21", "2026-09-23") == [
+        ("1.5.1", 80, 1),
+        ("1.5.1", 88, 1),
+        ("1.5.1", 96, 2),
+    ]
+    assert await heaps("2026-09-22", "2026-09-22") == [("1.5.1", 88, 1)]
+    assert await heaps("2026-09-23", "2026-09-30") == [("1.5.1", 96, 2)]
+    assert await heaps("2026-09-01", "2026-09-20") == []
+    # A re-read day (here the middle one, rewritten) carries into the later totals.
+    with sqlite3.connect(storage.path) as conn:
+        conn.execute("UPDATE reports SET heap_usage_bytes = 1024 WHERE day = '2026-09-22'")
+        conn.execute("DELETE FROM meta WHERE key = 'stats_watermark'")
+    await storage.aggregate(now=day3)
+    assert await heaps("2026-09-21", "2026-09-23") == [("1.5.1", 80, 2), ("1.5.1", 96, 2)]
