@@ -614,8 +614,10 @@ def test_dashboard_shows_the_servers_refusal_of_a_wrong_token(
 def empty_public_server(
     browser: Browser, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
+    """A public server with no reports, mounted under a prefix (the page's URLs are relative)."""
     db = tmp_path_factory.mktemp("empty") / "empty.db"
-    with serving(serve_argv(db, "--public-stats")) as (url, _process):
+    with serving(serve_argv(db, "--public-stats", "--prefix", "/custom")) as (url, _process):
+        assert url.endswith("/custom")  # the ready line names the mounted base URL
         yield url
 
 

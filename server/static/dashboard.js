@@ -633,7 +633,7 @@
   const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 
   /** The x axis: ticks on whole UTC days (every 1, 2, 7 or 14 days) or, for long windows, on
-   * the first of every 1, 2, 3 or 6 months, as many as fit at about 64 px each. */
+   * the first of every 1, 2, 3, 6 or 12 months, as many as fit at about 56 px each. */
   function timeAxis() {
     return Object.assign(axisColors(), {
       space: 60,
@@ -644,9 +644,9 @@
 
   function daySplits(u, min, max) {
     const width = u.bbox.width / uPlot.pxRatio || 600;
-    const fit = Math.max(2, Math.floor(width / 64));
+    const fit = Math.max(2, Math.floor(width / 56));  // "Nov 25" is about 45 px wide
     const first = Math.ceil(min / DAY) * DAY;
-    const days = (max - first) / DAY + 1;
+    const days = Math.floor((max - first) / DAY) + 1;
     for (const step of [1, 2, 7, 14]) {
       if (days / step <= fit) {
         const splits = [];
