@@ -169,28 +169,51 @@ CHECK_DAYS_SQL = """
 SELECT product, day, sum(check_count) FROM all_version_checks WHERE day >= ? GROUP BY 1, 2
 """
 
-REPLACE_STATS_DAY_SQL = """
-INSERT INTO main.stats_days (product, day, instances, reports, version_checks)
-VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (product, day) DO UPDATE SET
-    instances = excluded.instances,
-    reports = excluded.reports,
-    version_checks = excluded.version_checks
-"""
 # A day without raw rows (only release checks, or rows already purged): keep its counts.
 UPDATE_STATS_CHECKS_SQL = """
 INSERT INTO main.stats_days (product, day, instances, reports, version_checks)
 VALUES (?, ?, 0, 0, ?)
 ON CONFLICT (product, day) DO UPDATE SET version_checks = excluded.version_checks
 """
-STATS_DETAIL_TABLES = ("stats_versions", "stats_platforms", "stats_min_compatible", "stats_heaps")
-INSERT_STATS_SQL = {
-    "stats_versions": "INSERT INTO main.stats_versions VALUES (?, ?, ?, ?, ?)",
-    "stats_platforms": "INSERT INTO main.stats_platforms VALUES (?, ?, ?, ?, ?)",
-    "stats_min_compatible": "INSERT INTO main.stats_min_compatible VALUES (?, ?, ?, ?)",
-    "stats_heaps": "INSERT INTO main.stats_heaps VALUES (?, ?, ?, ?, ?)",
+# A product-day's new aggregates are staged in temp tables (no lock on the database), then
+# applied by one script: the write lock is held for those statements only, never across a
+# round trip to the event loop, so the ingest writer never waits on this task's Python.
+STATS_DAY_TABLES = (
+    "stats_days",
+    "stats_versions",
+    "stats_platforms",
+    "stats_min_compatible",
+    "stats_heaps",
+)
+STAGE_TABLE_SQL = (
+    "CREATE TEMP TABLE IF NOT EXISTS staged_{table} AS SELECT * FROM main.{table} LIMIT 0"
+)
+STAGE_ROWS_SQL = {
+    "stats_days": "INSERT INTO temp.staged_stats_days VALUES (?, ?, ?, ?, ?)",
+    "stats_versions": "INSERT INTO temp.staged_stats_versions VALUES (?, ?, ?, ?, ?)",
+    "stats_platforms": "INSERT INTO temp.staged_stats_platforms VALUES (?, ?, ?, ?, ?)",
+    "stats_min_compatible": "INSERT INTO temp.staged_stats_min_compatible VALUES (?, ?, ?, ?)",
+    "stats_heaps": "INSERT INTO temp.staged_stats_heaps VALUES (?, ?, ?, ?, ?)",
 }
-
+APPLY_STAGED_DAY_SQL = """
+BEGIN IMMEDIATE;
+DELETE FROM main.stats_days
+    WHERE (product, day) IN (SELECT product, day FROM temp.staged_stats_days);
+INSERT INTO main.stats_days SELECT * FROM temp.staged_stats_days;
+DELETE FROM main.stats_versions
+    WHERE (product, day) IN (SELECT product, day FROM temp.staged_stats_days);
+INSERT INTO main.stats_versions SELECT * FROM temp.staged_stats_versions;
+DELETE FROM main.stats_platforms
+    WHERE (product, day) IN (SELECT product, day FROM temp.staged_stats_days);
+INSERT INTO main.stats_platforms SELECT * FROM temp.staged_stats_platforms;
+DELETE FROM main.stats_min_compatible
+    WHERE (product, day) IN (SELECT product, day FROM temp.staged_stats_days);
+INSERT INTO main.stats_min_compatible SELECT * FROM temp.staged_stats_min_compatible;
+DELETE FROM main.stats_heaps
+    WHERE (product, day) IN (SELECT product, day FROM temp.staged_stats_days);
+INSERT INTO main.stats_heaps SELECT * FROM temp.staged_stats_heaps;
+COMMIT;
+"""
 # The read side: one product's window of aggregates, each query a primary-key range.
 WINDOW_DAYS_SQL = """
 SELECT day, instances, reports, version_checks FROM stats_days
@@ -220,20 +243,32 @@ SELECT version, bucket, sum(instances) FROM (
         SELECT max(day) FROM stats_heap_totals WHERE product = :product AND day < :since)
 ) GROUP BY 1, 2 HAVING sum(instances) > 0
 """
-# One day's running totals: the previous day's that has any, plus the day's own histogram.
+# Running heap totals, rebuilt from a day on: each day's totals are the previous day's plus
+# its own histogram, staged day by day in a temp table, then applied by one script.
 HEAP_TOTALS_DAYS_SQL = """
 SELECT DISTINCT day FROM stats_heaps WHERE product = ? AND day >= ? ORDER BY day
 """
-REPLACE_HEAP_TOTALS_SQL = """
-INSERT INTO main.stats_heap_totals (product, day, version, bucket, instances)
+STAGE_HEAP_TOTALS_SQL = """
+INSERT INTO temp.staged_stats_heap_totals (product, day, version, bucket, instances)
 SELECT :product, :day, version, bucket, sum(instances) FROM (
     SELECT version, bucket, instances FROM main.stats_heap_totals
-    WHERE product = :product AND day = (
-        SELECT max(day) FROM main.stats_heap_totals WHERE product = :product AND day < :day)
+    WHERE :previous IS NULL AND product = :product AND day = (
+        SELECT max(day) FROM main.stats_heap_totals WHERE product = :product AND day < :since)
+    UNION ALL
+    SELECT version, bucket, instances FROM temp.staged_stats_heap_totals
+    WHERE product = :product AND day = :previous
     UNION ALL
     SELECT version, bucket, instances FROM main.stats_heaps
     WHERE product = :product AND day = :day
 ) GROUP BY version, bucket
+"""
+APPLY_STAGED_HEAP_TOTALS_SQL = """
+BEGIN IMMEDIATE;
+DELETE FROM main.stats_heap_totals WHERE EXISTS (
+    SELECT 1 FROM temp.staged_heap_totals_from AS f
+    WHERE f.product = stats_heap_totals.product AND stats_heap_totals.day >= f.since);
+INSERT INTO main.stats_heap_totals SELECT * FROM temp.staged_stats_heap_totals;
+COMMIT;
 """
 PRODUCTS_SQL = """
 SELECT product, sum(reports), sum(iif(day = ?, instances, 0)) FROM stats_days GROUP BY 1
@@ -583,15 +618,32 @@ class Storage:
         today only: days before it do not change)."""
         async with self._conn.execute(HEAP_TOTALS_DAYS_SQL, (product, since)) as cursor:
             days = [day for (day,) in await cursor.fetchall()]
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        await self._stage("stats_heap_totals")
+        await self._conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS staged_heap_totals_from (product TEXT, since TEXT)"
+        )
+        await self._conn.execute("DELETE FROM temp.staged_heap_totals_from")
+        await self._conn.execute(
+            "INSERT INTO temp.staged_heap_totals_from VALUES (?, ?)", (product, since)
+        )
+        previous = None
+        for day in days:
             await self._conn.execute(
-                "DELETE FROM main.stats_heap_totals WHERE product = ? AND day >= ?",
-                (product, since),
+                STAGE_HEAP_TOTALS_SQL,
+                {"product": product, "day": day, "previous": previous, "since": since},
             )
-            for day in days:
-                await self._conn.execute(REPLACE_HEAP_TOTALS_SQL, {"product": product, "day": day})
-            await self._conn.execute("COMMIT")
+            previous = day
+        await self._apply(APPLY_STAGED_HEAP_TOTALS_SQL)
+
+    async def _stage(self, table: str) -> None:
+        """An empty temp table ``staged_<table>`` shaped like ``main.<table>``."""
+        await self._conn.execute(STAGE_TABLE_SQL.format(table=table))
+        await self._conn.execute(f"DELETE FROM temp.staged_{table}")  # noqa: S608 - ours
+
+    async def _apply(self, script: str) -> None:
+        """Run a ``BEGIN IMMEDIATE ... COMMIT`` script in one call; rolled back on failure."""
+        try:
+            await self._conn.executescript(script)
         except BaseException:
             await self._rollback()
             raise
@@ -639,24 +691,14 @@ class Storage:
         }
         instances = sum(versions.values())
         reports = sum(reports_by_version.values())
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            if not instances:  # raw rows already purged, or release checks only
-                await self._conn.execute(UPDATE_STATS_CHECKS_SQL, (product, day, checks))
-            else:
-                for table in STATS_DETAIL_TABLES:
-                    await self._conn.execute(
-                        f"DELETE FROM main.{table} WHERE product = ? AND day = ?",  # noqa: S608
-                        args,
-                    )
-                    await self._conn.executemany(INSERT_STATS_SQL[table], detail[table])
-                await self._conn.execute(
-                    REPLACE_STATS_DAY_SQL, (product, day, instances, reports, checks)
-                )
-            await self._conn.execute("COMMIT")
-        except BaseException:
-            await self._rollback()
-            raise
+        if not instances:  # raw rows already purged, or release checks only
+            await self._conn.execute(UPDATE_STATS_CHECKS_SQL, (product, day, checks))
+            return 0
+        detail["stats_days"] = [(product, day, instances, reports, checks)]
+        for table in STATS_DAY_TABLES:
+            await self._stage(table)
+            await self._conn.executemany(STAGE_ROWS_SQL[table], detail[table])
+        await self._apply(APPLY_STAGED_DAY_SQL)
         return instances
 
     async def _distinct_products(self, source: str) -> list[str]:
