@@ -588,9 +588,10 @@ class Storage:
         time is not re-read (an idle server's run costs a few seeks); only its release
         checks are brought up to date."""
         product_days: dict[tuple[str, str], int] = {}
+        after = (datetime.date.fromisoformat(since) - datetime.timedelta(days=1)).isoformat()
         for source in sources:
             for product in await self._distinct_products(source):
-                for day in await self._distinct_days(source, product, since, before):
+                for day in await self._distinct_days(source, product, after, before):
                     product_days.setdefault((product, day), 0)
         async with self._conn.execute(CHECK_DAYS_SQL, (since,)) as cursor:
             for product, day, checks in await cursor.fetchall():
@@ -712,11 +713,11 @@ class Storage:
             products.append(row[0])
 
     async def _distinct_days(
-        self, source: str, product: str, since: str, before: str | None
+        self, source: str, product: str, after: str, before: str | None
     ) -> list[str]:
+        """The days after ``after`` (and before ``before``) with raw rows of ``product``."""
         days: list[str] = []
         sql = NEXT_DAY_SQL.format(source=source)
-        after = (datetime.date.fromisoformat(since) - datetime.timedelta(days=1)).isoformat()
         while True:
             async with self._conn.execute(sql, (product, days[-1] if days else after)) as cursor:
                 row = await cursor.fetchone()
@@ -796,10 +797,15 @@ class Storage:
         """
         result = PurgeResult()
         async with self._attached(shards) as sources:
-            async with self._conn.execute(
-                "SELECT DISTINCT day FROM all_reports WHERE day < ? ORDER BY day", (before,)
-            ) as cursor:
-                days = [day for (day,) in await cursor.fetchall()]
+            # Seeks in the primary key, not a scan of every row (this runs every hour).
+            days = sorted(
+                {
+                    day
+                    for source in sources
+                    for product in await self._distinct_products(source)
+                    for day in await self._distinct_days(source, product, "", before)
+                }
+            )
             if days:  # the statistics must hold these days before their raw rows go
                 watermark = await self.meta(WATERMARK_KEY)
                 await self._aggregate_range(
