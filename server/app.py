@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +20,8 @@ from .appkeys import CODEC, INSIGHTS, INTAKE, REPOS, REQUESTS, SETTINGS, STORAGE
 from .catalog import CatalogCache
 from .codec import json_codec
 from .database import open_storage
-from .http_errors import install_address_redaction
+from .errors import BackupError
+from .http_errors import logging_options
 from .ingest import Ingest
 from .insights import Aggregator
 from .metrics import FLUSH_INTERVAL, ProcessMetrics, RequestTally
@@ -26,7 +30,13 @@ from .ratelimit import RateLimiter
 from .releases import bundled_releases
 from .routes import setup_routes
 from .settings import Settings
-from .storage import RETENTION_RUN_KEY, PurgeResult, existing_shards, shard_path
+from .storage import (
+    RETENTION_RUN_KEY,
+    PurgeResult,
+    backup_pairs,
+    existing_shards,
+    shard_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +55,11 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     a connection still waiting for a complete request when it fires: so a client trickling its
     headers is cut off after ``read_timeout``. (Bodies are bounded in ``handlers``.) Request
     bodies are never decompressed: OPA does not compress them, and inflating one would happen
-    before the size cap.
+    before the size cap. aiohttp's logging of requests it refuses is bounded and never names
+    the client (``http_errors.logging_options``).
     """
     return {
+        **logging_options(settings.access_log),
         "keepalive_timeout": settings.read_timeout,
         "max_line_size": MAX_LINE_SIZE,
         "max_field_size": MAX_FIELD_SIZE,
@@ -66,7 +78,6 @@ def create_app(
     worker 0 alone keeps the statistics aggregates. ``metrics_dir``: the workers' shared
     prometheus-client multiprocess directory (set by the supervisor), else ``None``.
     """
-    install_address_redaction()
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[CODEC] = json_codec(settings.fast)
@@ -222,6 +233,88 @@ async def _flush_metrics(metrics: ProcessMetrics, requests: RequestTally, ingest
             metrics.flush(requests, ingest)
         except Exception:
             logger.warning("metrics flush failed", exc_info=True)
+
+
+@dataclass(frozen=True, slots=True)
+class BackupFile:
+    source: Path
+    copy: Path
+    size: int  # bytes
+
+
+async def backup_database(
+    settings: Settings, dest: Path, *, force: bool = False
+) -> list[BackupFile]:
+    """Copy ``settings.db`` and every worker shard beside it to ``dest`` (a file, or a folder
+    to hold one of the database's name) and its shard names (see ``storage.backup_pairs``):
+    each file a consistent snapshot, taken while the server may be running, so that the copy
+    is a database ``stats`` or ``serve`` can open as it is.
+
+    Nothing is created or migrated at the source. Each copy is written under a temporary name,
+    flushed, then renamed into place: a failed backup never leaves a half-written file under a
+    copy's name. Raises :class:`BackupError` when ``dest`` is the database itself, its folder
+    is missing, or (without ``force``) a file the backup would write, or a stale shard copy
+    that a restore would pick up, already exists; :class:`SchemaError` when ``settings.db`` is
+    not a database of this version.
+    """
+    pairs, stale = _plan_backup(Path(settings.db), dest, force=force)
+    written = []
+    for source, copy in pairs:
+        temporary = copy.with_name(f".{copy.name}.partial")
+        temporary.unlink(missing_ok=True)  # left by a backup that was killed
+        storage = await open_storage(settings, source, migrate=False)
+        try:
+            size = await storage.backup(temporary)
+        finally:
+            await storage.close()
+        for sidecar in _sidecars(copy):  # an old -wal would be replayed over the new copy
+            sidecar.unlink(missing_ok=True)
+        os.replace(temporary, copy)
+        written.append(BackupFile(source, copy, size))
+    for shard in stale:
+        for path in (shard, *_sidecars(shard)):
+            path.unlink(missing_ok=True)
+    _sync_directory(pairs[0][1].parent)
+    return written
+
+
+def _plan_backup(
+    db: Path, dest: Path, *, force: bool
+) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """The (file, copy) pairs of a backup of ``db`` to ``dest``, and the stale shard copies to
+    remove; raises :class:`BackupError` (see :func:`backup_database`). A few stat calls: not
+    worth a thread."""
+    if dest.is_dir():  # a folder: the copy takes the database's own name in it
+        dest = dest / db.name
+    pairs = backup_pairs(db, dest)
+    copies = {copy for _, copy in pairs}
+    if {copy.resolve() for copy in copies} & {source.resolve() for source, _ in pairs}:
+        raise BackupError(f"{dest} is the database itself; choose another destination")
+    if not dest.parent.is_dir():
+        raise BackupError(f"{dest}: the directory {dest.parent} does not exist")
+    stale = [shard for shard in existing_shards(dest) if shard not in copies]
+    in_the_way = [
+        path for copy in [*copies, *stale] for path in (copy, *_sidecars(copy)) if path.exists()
+    ]
+    if in_the_way and not force:
+        names = ", ".join(str(path) for path in sorted(in_the_way))
+        raise BackupError(f"{names} already exist{'s' if len(in_the_way) == 1 else ''};"
+                          " choose another destination or give --force to overwrite")  # fmt: skip
+    return pairs, stale
+
+
+def _sidecars(db: Path) -> tuple[Path, Path]:
+    """SQLite's files beside a database in WAL mode."""
+    return db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+
+
+def _sync_directory(folder: Path) -> None:
+    """Flush a folder's entries (the renames) to disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 async def _retention(settings: Settings) -> None:

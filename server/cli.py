@@ -15,9 +15,7 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.queues
 import os
-import queue
 import signal
 import socket
 import sys
@@ -45,6 +43,7 @@ from .protocol import DEFAULT_PRODUCT
 from .releases import Release, release_from_mapping, releases_from_json
 from .settings import Settings, env_name
 from .storage import ProductCounts, PurgeResult, Storage
+from .tls import server_tls_context
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -202,6 +201,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="only print what would be rolled up and deleted"
     )
     purge.set_defaults(run=_run_purge)
+
+    backup = commands.add_parser(
+        "backup", help="copy the database and its worker shards, safely while the server runs"
+    )
+    add_settings_flags(backup, environ, STORAGE_SETTINGS)
+    backup.add_argument(
+        "dest", type=Path, metavar="DEST",
+        help="file (or folder) for the copy of the database; shard copies go beside it",
+    )  # fmt: skip
+    backup.add_argument("--force", action="store_true", help="overwrite an existing copy")
+    backup.set_defaults(run=_run_backup)
     return parser
 
 
@@ -349,6 +359,7 @@ def _supervise(settings: Settings) -> int:
     """
     from .app import aggregate_now, prepare_database
 
+    server_tls_context(settings)  # each worker loads its own; a bad file stops us here, once
     asyncio.run(prepare_database(settings))
     reserved = None
     if settings.port == 0:  # pick the port here so that every worker binds the same one
@@ -363,9 +374,11 @@ def _supervise(settings: Settings) -> int:
     previous_env = os.environ.get(MULTIPROCESS_ENV)
     os.environ[MULTIPROCESS_ENV] = metrics_dir.name
     context = multiprocessing.get_context("spawn")
-    ready = context.Queue()
+    # One pipe per worker for its "listening" (or why it could not start): no lock shared
+    # between processes, so a worker stopped at any moment cannot block another's message.
+    pipes = [context.Pipe(duplex=False) for _ in range(settings.workers)]
     workers = [
-        context.Process(target=_worker, args=(settings, index, ready, metrics_dir.name),
+        context.Process(target=_worker, args=(settings, index, pipes[index][1], metrics_dir.name),
                         name=f"worker{index}", daemon=True)
         for index in range(settings.workers)
     ]  # fmt: skip
@@ -380,19 +393,24 @@ def _supervise(settings: Settings) -> int:
     try:
         for worker in workers:
             worker.start()
-        while started < len(workers) and not stopping:
-            try:
-                news = ready.get(timeout=0.2)
+        for _, sender in pipes:
+            sender.close()  # the worker holds its end; ours would hide its exit from recv()
+        waiting = {receiver: index for index, (receiver, _) in enumerate(pipes)}
+        started = 0
+        while waiting and not stopping:
+            readable = multiprocessing.connection.wait(list(waiting), timeout=0.2)
+            for receiver in [r for r in waiting if r in readable]:
+                index = waiting.pop(receiver)
+                try:
+                    news = receiver.recv()
+                except EOFError:
+                    news = f"worker {index} exited while starting"
                 if isinstance(news, str):  # a worker could not start, and says why
                     _stop_workers(workers, settings, code=1)
                     raise TelemetryError(news)
                 started += 1
-            except queue.Empty:
-                if any(not w.is_alive() for w in workers):
-                    logger.error("a worker failed to start")
-                    return _stop_workers(workers, settings, code=1)
         if started == len(workers):
-            _print_ready(f"http://{settings.host}:{settings.port}{settings.prefix}")
+            _print_ready(f"{_scheme(settings)}://{settings.host}:{settings.port}{settings.prefix}")
         while not stopping:
             multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.5)
             if not stopping and any(not w.is_alive() for w in workers):
@@ -436,21 +454,23 @@ def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int)
 def _worker(
     settings: Settings,
     index: int,
-    ready: multiprocessing.queues.Queue[int | str],
+    ready: multiprocessing.connection.Connection,
     metrics_dir: str,
 ) -> None:
-    """One worker process: serve on the shared port until SIGTERM (or SIGINT). It reports
-    its index once it listens, or the one-line reason it could not start."""
+    """One worker process: serve on the shared port until SIGTERM (or SIGINT). It sends its
+    index once it listens, or the one-line reason it could not start."""
     _configure_logging(settings)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
             runner.run(
-                serve(settings, lambda _: ready.put(index), worker=index, reuse_port=True,
+                serve(settings, lambda _: ready.send(index), worker=index, reuse_port=True,
                       metrics_dir=metrics_dir)
             )  # fmt: skip
     except (TelemetryError, OSError) as exc:
-        ready.put(f"worker {index}: {_describe(exc)}")
+        ready.send(f"worker {index}: {_describe(exc)}")
         sys.exit(1)
+    finally:
+        ready.close()
 
 
 def _loop_factory(fast: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -474,13 +494,14 @@ async def serve(
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting, drain the queue and return.
 
-    ``ready`` receives the base URL once the socket listens (default: print it).
+    ``ready`` receives the base URL once the socket listens (default: print it): ``https://``
+    when ``settings`` name a TLS certificate (raises :class:`TlsError` if it cannot be used).
     """
     from aiohttp import web
 
     from .app import create_app, runner_options
-    from .http_errors import ACCESS_LOG_FORMAT
 
+    tls = server_tls_context(settings)  # before anything else: a bad file is a one-line error
     # Handlers first: a SIGTERM that arrives while we start (or right after "listening") must
     # still mean "drain and exit 0", never the default of dying on the spot.
     stop = asyncio.Event()
@@ -492,17 +513,18 @@ async def serve(
         runner = web.AppRunner(
             app,
             handle_signals=False,
-            access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-            access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=settings.shutdown_timeout,
             **runner_options(settings),
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+            site = web.TCPSite(
+                runner, settings.host, settings.port, ssl_context=tls,
+                reuse_port=reuse_port or None,
+            )  # fmt: skip
             await site.start()
             host, port = runner.addresses[0][:2]
-            (ready or _print_ready)(f"http://{host}:{port}{settings.prefix}")
+            (ready or _print_ready)(f"{_scheme(settings)}://{host}:{port}{settings.prefix}")
             await stop.wait()
             logger.info("shutting down: finishing in-flight requests")
         finally:
@@ -511,6 +533,10 @@ async def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     logger.info("stopped")
+
+
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.tls_cert else "http"
 
 
 def _print_ready(url: str) -> None:
@@ -634,6 +660,20 @@ def _run_purge(args: argparse.Namespace) -> int:
     result = asyncio.run(purge_expired(settings, announce=announce, dry_run=args.dry_run))
     if result.days:
         print(f"{result.days} days rolled up, {result.rows_deleted} raw rows deleted")
+    return 0
+
+
+def _run_backup(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    from .app import backup_database
+
+    written = asyncio.run(backup_database(settings, args.dest, force=args.force))
+    for file in written:
+        print(f"wrote {file.copy} ({file.size} bytes), a snapshot of {file.source}")
+    print(
+        f"backup complete: {len(written)} file{'s' if len(written) > 1 else ''}. To restore: stop"
+        " the server, copy each file back to the name it is a snapshot of, start the server."
+    )
     return 0
 
 

@@ -18,9 +18,11 @@ place that maps them to HTTP statuses and the JSON error shape.
     │   ├── OverloadedError ...... the ingest queue is full
     │   ├── ShuttingDownError .... the server is draining before exit
     │   └── StorageUnavailableError  the database could not commit (locked, full, read-only)
+    ├── BackupError .............. a backup cannot be written where asked (CLI)
     ├── CatalogError ............. a release could not be added or parsed (CLI)
     ├── SchemaError .............. the database file cannot be opened or is not one this
     │                              version can use
+    ├── TlsError ................. the TLS certificate or key cannot be used (serve)
     └── UsageError ............... a bad flag, env var or setting (CLI exit status 2)
 """
 
@@ -103,6 +105,10 @@ class StorageUnavailableError(UnavailableError):
     """The database refused the write (locked, read-only, disk full, I/O error)."""
 
 
+class BackupError(TelemetryError):
+    """A backup cannot be written: its destination exists, is the database, or fails."""
+
+
 class CatalogError(TelemetryError):
     """A release could not be parsed, added or imported."""
 
@@ -110,6 +116,10 @@ class CatalogError(TelemetryError):
 class SchemaError(TelemetryError):
     """The database cannot be opened (a directory, a missing folder, no permission), is not
     an opa-telemetry database, or has a schema version this version cannot use."""
+
+
+class TlsError(TelemetryError):
+    """The TLS certificate or key given to ``serve`` cannot be read or do not match."""
 
 
 class UsageError(TelemetryError):

@@ -21,6 +21,7 @@ from .errors import (
 from .http_errors import error_answer
 from .insights import parse_stats_query, products_document, stats_document, utc_today
 from .metrics import CONTENT_TYPE, FleetState
+from .openapi import openapi_json
 from .protocol import parse_report, parse_user_agent, product_slug
 from .releases import Release, asset_url
 from .storage import AGGREGATED_AT_KEY, RETENTION_RUN_KEY
@@ -130,6 +131,12 @@ async def get_metrics(request: web.Request) -> web.Response:
     )
     body = insights.metrics.render(fleet)
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI 3.1 description of every route (open, no auth)."""
+    body = openapi_json(request.app[SETTINGS].prefix)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def get_dashboard(request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ from . import handlers
 from .appkeys import REQUESTS
 from .http_errors import Handler, json_errors, method_not_allowed, not_found
 
+# Each route is described in openapi.json (tests/test_openapi.py fails otherwise).
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/v1/version", handlers.post_version),
     ("GET", "/repos/{owner}/{repo}/releases/latest", handlers.get_latest_release),
@@ -19,6 +20,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/stats", handlers.get_stats),
     ("GET", "/v1/products", handlers.get_products),
     ("GET", "/metrics", handlers.get_metrics),
+    ("GET", "/openapi.json", handlers.get_openapi),
     ("GET", "/dashboard", handlers.get_dashboard),
     ("GET", "/dashboard/", handlers.get_dashboard_slash),
     ("GET", "/dashboard/assets/{name:[A-Za-z0-9._/-]{1,100}}", handlers.get_dashboard_asset),
@@ -42,7 +44,8 @@ def setup_routes(app: web.Application, prefix: str = "") -> None:
         allowed = ["GET", "HEAD"] if method == "GET" else [method]
         refuse = counted(path, json_errors(method_not_allowed(allowed)))
         router.add_route("*", prefix + path, refuse)
-    router.add_route("*", "/{tail:.*}", counted(UNMATCHED, json_errors(not_found)))
+    # [\s\S], not ".": a path may hold an encoded newline (%0A), and "." stops at it.
+    router.add_route("*", "/{tail:[\\s\\S]*}", counted(UNMATCHED, json_errors(not_found)))
 
 
 def counted(route: str, handler: Handler) -> Handler:

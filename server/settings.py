@@ -89,6 +89,12 @@ class Settings:
     stats_interval: float = _knob(
         60.0, "seconds between updates of the statistics aggregates from new reports"
     )
+    tls_cert: str = _knob(
+        "", "PEM certificate chain: serve HTTPS directly (needs --tls-key; unset: plain HTTP)"
+    )
+    tls_key: str = _knob(
+        "", "PEM private key of --tls-cert, unencrypted, readable by the server only"
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -108,6 +114,8 @@ class Settings:
             problems.append("min_group_size must be at least 1 and stats_interval positive")
         if self.admin_token and (len(self.admin_token) < 16 or not self.admin_token.isprintable()):
             problems.append("admin_token must be at least 16 printable characters")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together: give both or neither")
         if not 1 <= self.workers <= MAX_WORKERS:
             problems.append(f"workers must be 1-{MAX_WORKERS}")
         for name in (

@@ -8,6 +8,7 @@ HTTP layer turns into a 503 with ``Retry-After``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import json
@@ -27,7 +28,7 @@ from urllib.parse import quote
 import aiosqlite
 
 from .codec import json_codec
-from .errors import CatalogError, SchemaError, StorageUnavailableError
+from .errors import BackupError, CatalogError, SchemaError, StorageUnavailableError
 from .migrations import MIGRATIONS
 from .protocol import Report
 from .releases import Catalog, Release, release_from_mapping
@@ -294,6 +295,17 @@ def existing_shards(db: str | Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(f"{path.stem}.worker*") if pattern.match(p.name))
 
 
+def backup_pairs(db: str | Path, dest: str | Path) -> list[tuple[Path, Path]]:
+    """(file, copy) for a backup of ``db`` to ``dest``: the main file to ``dest``, each existing
+    worker shard to ``dest``'s shard of the same number, so the copy is a database like ``db``."""
+    db, dest = Path(db), Path(dest)
+    pairs = [(db, dest)]
+    for shard in existing_shards(db):
+        number = int(shard.name[len(db.stem) + len(".worker") : len(shard.name) - len(db.suffix)])
+        pairs.append((shard, shard_path(dest, number)))
+    return pairs
+
+
 @dataclass
 class PurgeResult:
     days: int = 0
@@ -375,6 +387,7 @@ class Storage:
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             if migrate:
+                await _refuse_newer(conn, path)  # before WAL: refused means left as it was
                 await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_checkpoint_pages)}")
             await conn.execute(f"PRAGMA synchronous = {_checked_synchronous(synchronous)}")
@@ -402,6 +415,21 @@ class Storage:
                 await cursor.fetchone()
         except (sqlite3.Error, ValueError) as exc:
             raise StorageUnavailableError(f"database does not answer: {exc}") from exc
+
+    async def backup(self, dest: Path) -> int:
+        """Write a consistent snapshot of this database to the new file ``dest`` and flush it
+        to disk; returns its size in bytes.
+
+        ``VACUUM INTO`` copies the database as one read transaction sees it (what is still in
+        the WAL included) and takes no write lock: the server may go on writing meanwhile.
+        Raises :class:`BackupError` if ``dest`` exists or cannot be written.
+        """
+        try:
+            await self._conn.execute("VACUUM INTO ?", (str(dest),))
+        except sqlite3.Error as exc:
+            raise BackupError(f"cannot back up {self.path} to {dest}: {exc}") from None
+        # SQLite does not sync what VACUUM INTO wrote; a backup must survive a power cut.
+        return await asyncio.to_thread(_synced_size, dest)
 
     async def schema_version(self) -> int:
         return await _user_version(self._conn)
@@ -588,9 +616,10 @@ class Storage:
         time is not re-read (an idle server's run costs a few seeks); only its release
         checks are brought up to date."""
         product_days: dict[tuple[str, str], int] = {}
+        after = (datetime.date.fromisoformat(since) - datetime.timedelta(days=1)).isoformat()
         for source in sources:
             for product in await self._distinct_products(source):
-                for day in await self._distinct_days(source, product, since, before):
+                for day in await self._distinct_days(source, product, after, before):
                     product_days.setdefault((product, day), 0)
         async with self._conn.execute(CHECK_DAYS_SQL, (since,)) as cursor:
             for product, day, checks in await cursor.fetchall():
@@ -712,11 +741,11 @@ class Storage:
             products.append(row[0])
 
     async def _distinct_days(
-        self, source: str, product: str, since: str, before: str | None
+        self, source: str, product: str, after: str, before: str | None
     ) -> list[str]:
+        """The days after ``after`` (and before ``before``) with raw rows of ``product``."""
         days: list[str] = []
         sql = NEXT_DAY_SQL.format(source=source)
-        after = (datetime.date.fromisoformat(since) - datetime.timedelta(days=1)).isoformat()
         while True:
             async with self._conn.execute(sql, (product, days[-1] if days else after)) as cursor:
                 row = await cursor.fetchone()
@@ -796,10 +825,15 @@ class Storage:
         """
         result = PurgeResult()
         async with self._attached(shards) as sources:
-            async with self._conn.execute(
-                "SELECT DISTINCT day FROM all_reports WHERE day < ? ORDER BY day", (before,)
-            ) as cursor:
-                days = [day for (day,) in await cursor.fetchall()]
+            # Seeks in the primary key, not a scan of every row (this runs every hour).
+            days = sorted(
+                {
+                    day
+                    for source in sources
+                    for product in await self._distinct_products(source)
+                    for day in await self._distinct_days(source, product, "", before)
+                }
+            )
             if days:  # the statistics must hold these days before their raw rows go
                 watermark = await self.meta(WATERMARK_KEY)
                 await self._aggregate_range(
@@ -843,8 +877,16 @@ class Storage:
         sources = ["main"]
         try:
             for number, shard in enumerate(shards, start=1):
-                await self._conn.execute(f"ATTACH DATABASE ? AS shard{number}", (str(shard),))
-                sources.append(f"shard{number}")
+                name = f"shard{number}"
+                await self._conn.execute(f"ATTACH DATABASE ? AS {name}", (str(shard),))
+                async with self._conn.execute(f"PRAGMA {name}.user_version") as cursor:
+                    row = await cursor.fetchone()
+                if not row or row[0] != len(MIGRATIONS):
+                    # A worker that is still creating its shard has committed nothing yet.
+                    await self._conn.execute(f"DETACH DATABASE {name}")
+                    logger.debug("%s is not migrated yet; left out", shard)
+                    continue
+                sources.append(name)
             for table in ("reports", "version_checks"):
                 # Schema and table names are ours (main, shardN; two constants), never input.
                 union = " UNION ALL ".join(f"SELECT * FROM {s}.{table}" for s in sources)  # noqa: S608
@@ -880,6 +922,16 @@ def _percentile(values: list[int], percent: float) -> int | None:
     ordered = sorted(values)
     rank = max(1, math.ceil(percent / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+def _synced_size(path: Path) -> int:
+    """Flush ``path`` to disk; its size in bytes."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        return os.fstat(descriptor).st_size
+    finally:
+        os.close(descriptor)
 
 
 def _checked_synchronous(value: str) -> str:
@@ -946,6 +998,20 @@ async def _check_current(conn: aiosqlite.Connection, path: str | Path) -> None:
         )
 
 
+async def _refuse_newer(
+    conn: aiosqlite.Connection,
+    path: str | Path,
+    migrations: Sequence[Sequence[str]] = MIGRATIONS,
+) -> None:
+    """Raise :class:`SchemaError` for a database migrated by a newer version."""
+    version, target = await _user_version(conn), len(migrations)
+    if version > target:
+        raise SchemaError(
+            f"{path} has schema version {version}, newer than this version's {target};"
+            " upgrade opa-telemetry"
+        )
+
+
 async def _user_version(conn: aiosqlite.Connection) -> int:
     async with conn.execute("PRAGMA user_version") as cursor:
         row = await cursor.fetchone()
@@ -960,12 +1026,7 @@ async def _migrate(
     Safe when several processes start at once: each step re-reads the version under the write
     lock. Raises :class:`SchemaError` for a database newer than ``migrations``.
     """
-    target = len(migrations)
-    if await _user_version(conn) > target:
-        raise SchemaError(
-            f"database schema version {await _user_version(conn)} is newer than this"
-            f" server's ({target}); upgrade opa-telemetry"
-        )
+    await _refuse_newer(conn, "database", migrations)
     for number, statements in enumerate(migrations, start=1):
         await conn.execute("BEGIN IMMEDIATE")
         try:

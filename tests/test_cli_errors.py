@@ -236,8 +236,10 @@ def test_the_server_errors_form_the_documented_tree() -> None:
         errors.OverloadedError: errors.UnavailableError,
         errors.ShuttingDownError: errors.UnavailableError,
         errors.StorageUnavailableError: errors.UnavailableError,
+        errors.BackupError: errors.TelemetryError,
         errors.CatalogError: errors.TelemetryError,
         errors.SchemaError: errors.TelemetryError,
+        errors.TlsError: errors.TelemetryError,
         errors.UsageError: errors.TelemetryError,
     }
     for error, parent in tree.items():

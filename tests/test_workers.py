@@ -166,3 +166,16 @@ async def test_stdlib_json_path_answers_like_orjson(
         )
         assert bad.status == 400
     assert answers[0] == answers[1]
+
+
+async def test_a_shard_still_being_created_is_left_out_of_reads(tmp_path: Path) -> None:
+    # Worker 0's first retention run can come before worker N has migrated its shard file.
+    db = tmp_path / "t.db"
+    storage = await Storage.open(db)
+    try:
+        shard_path(db, 1).touch()  # created, not migrated: what a starting worker leaves
+        result = await storage.roll_up_and_purge("2026-01-01", existing_shards(db))
+        aggregated = await storage.aggregate(existing_shards(db))
+        assert (result.days, aggregated.days, aggregated.instances) == (0, 0, 0)
+    finally:
+        await storage.close()
