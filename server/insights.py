@@ -21,9 +21,10 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from .catalog import Catalog
 from .errors import QueryError
 from .protocol import DEFAULT_PRODUCT, product_slug
-from .releases import Catalog, Release
+from .releases import Release
 from .storage import AggregateResult, ProductCounts, Storage, Window
 from .versions import Version, VersionError, parse_version
 

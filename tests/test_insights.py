@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
 from opa_telemetry_server.app import create_app, prepare_database, purge_expired
 from opa_telemetry_server.appkeys import INSIGHTS
+from opa_telemetry_server.catalog import Catalog
 from opa_telemetry_server.cli import main
 from opa_telemetry_server.insights import (
     MAX_DAYS,
@@ -30,7 +31,7 @@ from opa_telemetry_server.insights import (
     parse_stats_query,
 )
 from opa_telemetry_server.metrics import top_versions
-from opa_telemetry_server.releases import Catalog, release_from_mapping
+from opa_telemetry_server.releases import release_from_mapping
 from opa_telemetry_server.storage import RETENTION_RUN_KEY, Storage, Window, shard_path
 
 from .conftest import AiohttpClient, make_settings, serve_argv, serving
