@@ -202,8 +202,43 @@ def build_document(
         "daily": daily,
         "heap_by_version": _heaps(window.heaps, shown, average),
         "min_compatible_versions": min_compatible,
-        "advisories": [],
+        "advisories": _advisories(catalog, product, version_totals, average, shown),
     }
+
+
+def _advisories(
+    catalog: Catalog,
+    product: str,
+    version_totals: Mapping[str, list[int]],
+    average: Callable[[float], float],
+    shown: Callable[[float], bool],
+) -> list[dict[str, Any]]:
+    """The product's advisories that affect reported versions, with the average daily
+    instances on those versions (by version; a record limited to some operating systems counts
+    every platform), most first. Public: an advisory under the group size is left out, and a
+    version under it is named ``other``."""
+    result: list[dict[str, Any]] = []
+    for advisory in catalog.advisories(product):
+        affected = [
+            v
+            for v in version_totals
+            if (parsed := _version(v)) is not None and advisory.affects(parsed, None)[0]
+        ]
+        instance_days = sum(version_totals[v][0] for v in affected)
+        if not instance_days or not shown(instance_days):
+            continue
+        named = {v if shown(version_totals[v][0]) else OTHER for v in affected}
+        result.append(
+            {
+                "id": advisory.id,
+                "severity": advisory.severity,
+                "summary": advisory.summary,
+                "instances": average(instance_days),
+                "versions": _newest_first(named),
+            }
+        )
+    result.sort(key=lambda entry: -entry["instances"])
+    return result
 
 
 def products_document(products: Iterable[ProductCounts]) -> dict[str, Any]:
