@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .advisories import bundled_advisories
 from .appkeys import CODEC, INSIGHTS, INTAKE, REPOS, REQUESTS, SETTINGS, STORAGE, Insights, Intake
 from .catalog import CatalogCache
 from .codec import json_codec
@@ -37,6 +38,7 @@ from .storage import (
     existing_shards,
     shard_path,
 )
+from .sync import run_sync, sync_target
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,11 @@ async def prepare_database(settings: Settings) -> None:
             added = await storage.seed_catalog(DEFAULT_PRODUCT, bundled_releases())
             if added:
                 logger.info("release catalog seeded with %d bundled OPA releases", added)
+            added, _ = await storage.import_advisories(
+                DEFAULT_PRODUCT, bundled_advisories(), seed=True
+            )
+            if added:
+                logger.info("advisories seeded with %d bundled OPA advisories", added)
     finally:
         await storage.close()
 
@@ -155,6 +162,13 @@ async def _databases(
             _flush_metrics(metrics, app[REQUESTS], ingest), name="opa-telemetry-metrics"
         )
         stack.push_async_callback(_cancel, flusher)
+        if worker == 0 and settings.sync_interval:
+            syncing = asyncio.create_task(
+                run_sync(partial(open_storage, settings, settings.db), [sync_target(settings)],
+                         settings.sync_interval),
+                name="opa-telemetry-sync",
+            )  # fmt: skip
+            stack.push_async_callback(_cancel, syncing)
         if worker == 0 and settings.retention_days:
             retention = asyncio.create_task(_retention(settings), name="opa-telemetry-retention")
             stack.push_async_callback(_cancel, retention)

@@ -23,14 +23,16 @@ import tempfile
 import traceback
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import fields, replace
-from datetime import date
+from datetime import UTC, date, datetime
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__
+from .advisories import advisories_from_json
+from .catalog import Catalog, load_catalog
 from .database import open_storage
-from .errors import CatalogError, QueryError, TelemetryError, UsageError
+from .errors import CatalogError, QueryError, SyncError, TelemetryError, UsageError
 from .insights import (
     DEFAULT_DAYS,
     MAX_DAYS,
@@ -39,11 +41,13 @@ from .insights import (
     stats_document,
     utc_today,
 )
-from .protocol import DEFAULT_PRODUCT
-from .releases import Release, release_from_mapping, releases_from_json
+from .protocol import DEFAULT_PRODUCT, product_slug
+from .releases import check_url, release_from_mapping, releases_from_json
 from .settings import Settings, env_name
 from .storage import ProductCounts, PurgeResult, Storage
+from .sync import SyncResult, sync_product, sync_target
 from .tls import server_tls_context
+from .versions import VersionError, parse_version
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,28 +127,33 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
 
     def catalog_command(name: str, help: str, run: Callable[[argparse.Namespace], int]) -> Any:
-        command = actions.add_parser(name, help=help)
+        command = actions.add_parser(name, help=help, description=help)
         add_settings_flags(command, environ, STORAGE_SETTINGS)
-        command.add_argument("--product", default=DEFAULT_PRODUCT, help="product (default: opa)")
+        _add_product_flag(command)
         command.set_defaults(run=run)
         return command
 
     listing = catalog_command("list", "list releases, newest first", _run_releases_list)
     listing.add_argument("--json", action="store_true", help="print JSON")
 
-    latest = catalog_command("latest", "print the latest release", _run_releases_latest)
+    latest = catalog_command(
+        "latest", "print the release offered as latest (after pin, yanks and rollouts)",
+        _run_releases_latest,
+    )  # fmt: skip
     latest.add_argument("--json", action="store_true", help="print JSON")
 
     add = catalog_command("add", "add one release", _run_releases_add)
     add.add_argument("tag", help="release tag, e.g. v1.21.0")
-    add.add_argument("--notes", help="release notes URL (default: OPA's GitHub release page)")
     add.add_argument(
-        "--asset",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="asset name (opa_linux_amd64) or full URL; repeat for each",
-    )
+        "--notes", metavar="URL",
+        help="release notes URL (required except for opa, whose default is its GitHub page)",
+    )  # fmt: skip
+    add.add_argument(
+        "--asset", action="append", default=[], metavar="ASSET",
+        help="a full URL whose file name ends in _<os>_<arch> (myapp_linux_amd64.tar.gz),"
+        " OS/ARCH=URL to give the platform, or for opa a bare name (opa_linux_amd64);"
+        " repeat for each",
+    )  # fmt: skip
     add.add_argument("--published", help="release date, YYYY-MM-DD (default: today)")
     add.add_argument("--prerelease", action="store_true", help="never offer it as latest")
     add.add_argument("--replace", action="store_true", help="overwrite an existing tag")
@@ -152,16 +161,86 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     imports = catalog_command(
         "import", "add or update releases from a JSON file", _run_releases_import
     )
-    imports.add_argument("file", type=Path, help="JSON array in the bundled catalog's shape")
+    imports.add_argument(
+        "file",
+        help="JSON file ('-' reads standard input): an array or one object, in the bundled"
+        " catalog's shape or GitHub's release JSON (drafts are skipped)",
+    )
 
     remove = catalog_command("remove", "remove one release", _run_releases_remove)
     remove.add_argument("tag")
+
+    sync = actions.add_parser(
+        "sync", help="add and update releases from GitHub's release list (or another server's)"
+    )
+    add_settings_flags(sync, environ, (*STORAGE_SETTINGS, *SYNC_SETTINGS))
+    for alias, name in SYNC_ALIASES.items():  # the short spellings of the sync_* settings
+        kind = type(Settings.__dataclass_fields__[name].default)
+        if kind is bool:
+            sync.add_argument(alias, dest=name, action="store_true", default=argparse.SUPPRESS,
+                              help=f"same as --{name.replace('_', '-')}")  # fmt: skip
+        else:
+            sync.add_argument(alias, dest=name, type=_settings_type(kind),
+                              default=argparse.SUPPRESS,
+                              help=f"same as --{name.replace('_', '-')}")  # fmt: skip
+    sync.set_defaults(run=_run_releases_sync)
+
+    catalog_command("status", "show the policy and the last sync", _run_releases_status)
+
+    pin = catalog_command("pin", "announce nothing newer than TAG", _run_releases_pin)
+    pin.add_argument("tag")
+    catalog_command("unpin", "announce the newest release again", _run_releases_unpin)
+
+    yank = catalog_command(
+        "yank", "never offer TAG; tell instances running it to move", _run_releases_yank
+    )
+    yank.add_argument("tag")
+    yank.add_argument("--reason", default="", help="why, shown to instances running it")
+    unyank = catalog_command("unyank", "offer TAG again", _run_releases_unyank)
+    unyank.add_argument("tag")
+
+    rollout = catalog_command(
+        "rollout", "offer TAG to PERCENT of instances (100: everyone)", _run_releases_rollout
+    )
+    rollout.add_argument("tag")
+    rollout.add_argument("percent", type=_percent, help="0 to 100")
+
+    support = catalog_command(
+        "support", "tell instances below a version that it is unsupported", _run_releases_support
+    )
+    group = support.add_mutually_exclusive_group(required=True)
+    group.add_argument("--min-version", metavar="VERSION", help="lowest supported version")
+    group.add_argument("--clear", action="store_true", help="remove the minimum version")
+    support.add_argument("--notice", metavar="URL", help="a page explaining the support policy")
+
+    advisories = commands.add_parser("advisories", help="manage security advisories (OSV)")
+    advisory_actions = advisories.add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+
+    def advisory_command(name: str, help: str, run: Callable[[argparse.Namespace], int]) -> Any:
+        command = advisory_actions.add_parser(name, help=help, description=help)
+        add_settings_flags(command, environ, STORAGE_SETTINGS)
+        _add_product_flag(command)
+        command.set_defaults(run=run)
+        return command
+
+    advisory_import = advisory_command(
+        "import", "add or replace advisories from OSV JSON", _run_advisories_import
+    )
+    advisory_import.add_argument(
+        "file", help="a JSON array of OSV records (or one record); '-' reads standard input"
+    )
+    advisory_list = advisory_command("list", "list advisories", _run_advisories_list)
+    advisory_list.add_argument("--json", action="store_true", help="print the OSV records")
+    advisory_remove = advisory_command("remove", "remove one advisory", _run_advisories_remove)
+    advisory_remove.add_argument("id")
 
     stats = commands.add_parser(
         "stats", help="fleet statistics: instances per day, version and platform"
     )
     add_settings_flags(stats, environ, (*STORAGE_SETTINGS, "min_group_size"))
-    stats.add_argument("--product", default=DEFAULT_PRODUCT, help="product (default: opa)")
+    _add_product_flag(stats)
     stats.add_argument(
         "--days", type=positive_int, default=DEFAULT_DAYS,
         help=f"the last N UTC days, today included (1-{MAX_DAYS}; default {DEFAULT_DAYS})",
@@ -220,6 +299,45 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # The settings every command that opens the database reads.
 STORAGE_SETTINGS = ("db", "busy_timeout", "synchronous")
+SYNC_SETTINGS = (
+    "sync_product",
+    "sync_repo",
+    "sync_api_url",
+    "sync_include_prereleases",
+    "sync_prune",
+    "sync_token",
+)
+SYNC_ALIASES = {
+    "--product": "sync_product",
+    "--repo": "sync_repo",
+    "--api-url": "sync_api_url",
+    "--include-prereleases": "sync_include_prereleases",
+    "--prune": "sync_prune",
+}
+GITHUB_TOKEN_ENV = "GITHUB_TOKEN"  # noqa: S105 - the variable's name, not a token
+
+
+def product_name(text: str) -> str:
+    """An argparse ``type`` for ``--product``: the product's slug (``OtherApp`` ->
+    ``otherapp``), made by the same function as a User-Agent's, so names match
+    case-insensitively everywhere."""
+    slug = product_slug(text)
+    if not slug:
+        raise argparse.ArgumentTypeError(f"expected a product name, not {text!r}")
+    return slug
+
+
+def _add_product_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--product", type=product_name, default=DEFAULT_PRODUCT,
+        help="product (default: opa); compared case-insensitively, as its slug",
+    )  # fmt: skip
+
+
+def _percent(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 100, not {text!r}")
+    return int(text)
 
 
 class _FromEnv:
@@ -334,7 +452,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    settings = with_github_token(settings_from_args(args), os.environ)
     _configure_logging(settings)
     if settings.workers > 1:
         return _supervise(settings)
@@ -560,27 +678,37 @@ def _with_storage(args: argparse.Namespace, work: Callable[[Storage], Coroutine[
     return asyncio.run(run())
 
 
-def _release_json(release: Release) -> dict[str, Any]:
-    return {
-        "tag": release.tag,
-        "published": release.published.isoformat() if release.published else None,
-        "release_notes": release.release_notes,
-        "assets": list(release.assets),
-        "prerelease": release.prerelease,
-    }
+def _catalog(args: argparse.Namespace) -> Catalog:
+    return _with_storage(args, load_catalog)
+
+
+def _warn_if_unknown(catalog: Catalog, product: str) -> None:
+    if not catalog.releases(product):
+        known = ", ".join(sorted(catalog.products())) or "none"
+        print(f"warning: no releases of {product} (products with releases: {known})",
+              file=sys.stderr)  # fmt: skip
 
 
 def _run_releases_list(args: argparse.Namespace) -> int:
-    async def work(storage: Storage) -> Sequence[Release]:
-        return (await storage.load_catalog()).releases(args.product)
-
-    releases = _with_storage(args, work)
+    catalog = _catalog(args)
+    releases = catalog.releases(args.product)
+    _warn_if_unknown(catalog, args.product)
+    policy = catalog.policy(args.product)
     if args.json:
-        print(json.dumps([_release_json(r) for r in releases], indent=1))
+        print(json.dumps([r.to_json() for r in releases], indent=1))
         return 0
     print(f"{'TAG':<16} {'PUBLISHED':<10}  ASSETS")
     for r in releases:
-        flag = " (pre-release)" if r.prerelease else ""
+        notes = []
+        if r.prerelease:
+            notes.append("pre-release")
+        if r.tag in policy.yanked:
+            notes.append("yanked")
+        if r.tag in policy.rollouts:
+            notes.append(f"rollout {policy.rollouts[r.tag]}%")
+        if r.tag == policy.pinned:
+            notes.append("pinned")
+        flag = f" ({', '.join(notes)})" if notes else ""
         day = r.published.isoformat() if r.published else "-"
         print(f"{r.tag:<16} {day:<10}  {len(r.assets)}{flag}")
     print(f"{len(releases)} releases of {args.product}")
@@ -588,43 +716,58 @@ def _run_releases_list(args: argparse.Namespace) -> int:
 
 
 def _run_releases_latest(args: argparse.Namespace) -> int:
-    async def work(storage: Storage) -> Release | None:
-        return (await storage.load_catalog()).latest(args.product)
-
-    release = _with_storage(args, work)
+    catalog = _catalog(args)
+    release = catalog.latest(args.product)
     if release is None:
-        print(f"error: no release of {args.product} in the catalog", file=sys.stderr)
-        return 1
-    print(json.dumps(_release_json(release), indent=1) if args.json else release.tag)
+        _warn_if_unknown(catalog, args.product)
+        raise CatalogError(f"no release of {args.product} is offered")
+    print(json.dumps(release.to_json(), indent=1) if args.json else release.tag)
     return 0
+
+
+def _asset_argument(text: str) -> str | dict[str, str]:
+    """``--asset``: a name or URL as is; ``OS/ARCH=URL`` as an explicit-platform asset."""
+    platform, sep, url = text.partition("=")
+    if sep and "/" in platform and "://" not in platform:
+        os_name, _, arch = platform.partition("/")
+        return {"url": url, "os": os_name, "arch": arch}
+    return text
 
 
 def _run_releases_add(args: argparse.Namespace) -> int:
-    entry = {
+    entry: dict[str, Any] = {
         "tag": args.tag,
-        "release_notes": args.notes,
-        "assets": args.asset,
+        "assets": [_asset_argument(a) for a in args.asset],
         "published": args.published or date.today().isoformat(),
         "prerelease": args.prerelease,
     }
-    release = release_from_mapping(entry)
+    if args.notes is not None:
+        entry["release_notes"] = args.notes
+    release = release_from_mapping(entry, args.product)
 
-    async def work(storage: Storage) -> None:
-        await storage.add_release(args.product, release, replace=args.replace)
+    async def work(storage: Storage) -> bool:
+        return await storage.add_release(args.product, release, replace=args.replace)
 
-    _with_storage(args, work)
-    print(f"added {args.product} {release.tag}")
+    added = _with_storage(args, work)
+    print(f"{'added' if added else 'replaced'} {args.product} {release.tag}")
     return 0
 
 
+def _read_input(name: str) -> bytes:
+    """A file's bytes, or standard input's for ``-``."""
+    return sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+
+
 def _run_releases_import(args: argparse.Namespace) -> int:
-    releases = releases_from_json(args.file.read_bytes())
+    parsed = releases_from_json(_read_input(args.file), args.product)
 
     async def work(storage: Storage) -> tuple[int, int]:
-        return await storage.import_releases(args.product, releases)
+        return await storage.import_releases(args.product, parsed.releases)
 
     added, updated = _with_storage(args, work)
-    print(f"{args.product}: {added} added, {updated} updated, {len(releases)} read")
+    drafts = f", {parsed.drafts_skipped} drafts skipped" if parsed.drafts_skipped else ""
+    print(f"{args.product}: {added} added, {updated} replaced,"
+          f" {len(parsed.releases)} read{drafts}")  # fmt: skip
     return 0
 
 
@@ -635,6 +778,183 @@ def _run_releases_remove(args: argparse.Namespace) -> int:
     if not _with_storage(args, work):
         raise CatalogError(f"{args.product} {args.tag} is not in the catalog")
     print(f"removed {args.product} {args.tag}")
+    return 0
+
+
+def with_github_token(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """``settings`` with the sync token from ``$GITHUB_TOKEN`` when the setting has none."""
+    if settings.sync_token or not environ.get(GITHUB_TOKEN_ENV):
+        return settings
+    return replace(settings, sync_token=environ[GITHUB_TOKEN_ENV])
+
+
+def _run_releases_sync(args: argparse.Namespace) -> int:
+    settings = with_github_token(settings_from_args(args), os.environ)
+    target = sync_target(settings)
+
+    async def work(storage: Storage) -> SyncResult:
+        return await sync_product(storage, target)
+
+    try:
+        result = _with_storage(args, work)
+    except SyncError as exc:
+        raise SyncError(f"sync of {target.product} from {target.source} failed: {exc}") from None
+    print(result.describe(target.product))
+    return 0
+
+
+def _when(at: int | None) -> str:
+    if at is None:
+        return "never"
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _run_releases_status(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> tuple[Catalog, Any]:
+        return await load_catalog(storage), await storage.sync_state(args.product)
+
+    catalog, state = _with_storage(args, work)
+    product = args.product
+    policy = catalog.policy(product)
+    latest = catalog.latest(product)
+    print(f"product:      {product}")
+    print(f"releases:     {len(catalog.releases(product))}")
+    print(f"latest:       {latest.tag if latest else '-'} (offered to callers without an id)")
+    print(f"pinned:       {policy.pinned or '-'}")
+    print(f"min version:  {policy.min_version.text if policy.min_version else '-'}")
+    print(f"notice:       {policy.notice or '-'}")
+    for tag, reason in sorted(policy.yanked.items()):
+        print(f"yanked:       {tag}{f' ({reason})' if reason else ''}")
+    for tag, percent in sorted(policy.rollouts.items()):
+        print(f"rollout:      {tag} at {percent}%")
+    print(f"advisories:   {len(catalog.advisories(product))}")
+    if state is None:
+        print("last sync:    never")
+        return 0
+    print(f"sync source:  {state.source}")
+    print(f"last attempt: {_when(state.last_attempt_at)}")
+    print(f"last success: {_when(state.last_success_at)}")
+    print(f"etag:         {state.etag or '-'}")
+    if state.last_error:
+        print(f"last error:   {_when(state.last_error_at)}: {state.last_error}")
+    if state.retry_after_at:
+        print(f"retry after:  {_when(state.retry_after_at)}")
+    return 0
+
+
+def _require_release(storage_catalog: Catalog, product: str, tag: str) -> None:
+    if not any(r.tag == tag for r in storage_catalog.releases(product)):
+        raise CatalogError(f"{product} {tag} is not in the catalog")
+
+
+def _run_releases_pin(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> None:
+        _require_release(await load_catalog(storage), args.product, args.tag)
+        await storage.set_product_policy(args.product, pinned_tag=args.tag)
+
+    _with_storage(args, work)
+    print(f"pinned {args.product} to {args.tag}: nothing newer is announced")
+    return 0
+
+
+def _run_releases_unpin(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> None:
+        await storage.set_product_policy(args.product, pinned_tag=None)
+
+    _with_storage(args, work)
+    print(f"unpinned {args.product}: the newest release is announced")
+    return 0
+
+
+def _run_releases_yank(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> bool:
+        return await storage.set_release_policy(
+            args.product, args.tag, yanked=True, reason=args.reason
+        )
+
+    changed = _with_storage(args, work)
+    print(f"yanked {args.product} {args.tag}" + ("" if changed else " (already yanked)"))
+    return 0
+
+
+def _run_releases_unyank(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> bool:
+        return await storage.set_release_policy(args.product, args.tag, yanked=False)
+
+    changed = _with_storage(args, work)
+    print(f"unyanked {args.product} {args.tag}" + ("" if changed else " (was not yanked)"))
+    return 0
+
+
+def _run_releases_rollout(args: argparse.Namespace) -> int:
+    percent = None if args.percent == 100 else args.percent
+
+    async def work(storage: Storage) -> bool:
+        return await storage.set_release_policy(args.product, args.tag, rollout_percent=percent)
+
+    _with_storage(args, work)
+    print(f"{args.product} {args.tag} is offered to {args.percent}% of instances")
+    return 0
+
+
+def _run_releases_support(args: argparse.Namespace) -> int:
+    minimum = None
+    if args.min_version is not None:
+        try:
+            minimum = parse_version(args.min_version).text
+        except VersionError as exc:
+            raise UsageError(
+                f"--min-version: {args.min_version!r} is not a version ({exc})"
+            ) from None
+    notice = None
+    if args.notice is not None:
+        try:
+            notice = check_url(args.notice)
+        except ValueError as exc:
+            raise UsageError(f"--notice: {exc}") from None
+
+    async def work(storage: Storage) -> None:
+        await storage.set_product_policy(args.product, min_version=minimum, support_notice=notice)
+
+    _with_storage(args, work)
+    if minimum is None:
+        print(f"{args.product}: no minimum supported version")
+    else:
+        print(f"{args.product}: versions below {minimum} are told they are unsupported")
+    return 0
+
+
+def _run_advisories_import(args: argparse.Namespace) -> int:
+    advisories = advisories_from_json(_read_input(args.file))
+
+    async def work(storage: Storage) -> tuple[int, int]:
+        return await storage.import_advisories(args.product, advisories)
+
+    added, updated = _with_storage(args, work)
+    print(f"{args.product}: {added} advisories added, {updated} replaced, {len(advisories)} read")
+    return 0
+
+
+def _run_advisories_list(args: argparse.Namespace) -> int:
+    advisories = _catalog(args).advisories(args.product)
+    if args.json:
+        print(json.dumps([a.record for a in advisories], indent=1))
+        return 0
+    print(f"{'ID':<22} {'SEVERITY':<9} {'FIXED':<16} SUMMARY")
+    for a in advisories:
+        fixed = ", ".join(sorted({e[2] for r in a.ranges for e in r.events if e[0] == "fixed"}))
+        print(f"{a.id:<22} {a.severity or '-':<9} {fixed or '-':<16} {a.summary[:70]}")
+    print(f"{len(advisories)} advisories of {args.product}")
+    return 0
+
+
+def _run_advisories_remove(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> bool:
+        return await storage.remove_advisory(args.product, args.id)
+
+    if not _with_storage(args, work):
+        raise CatalogError(f"advisory {args.id} of {args.product} is not stored")
+    print(f"removed advisory {args.id} of {args.product}")
     return 0
 
 
@@ -690,13 +1010,13 @@ def _run_stats(args: argparse.Namespace) -> int:
         asyncio.run(aggregate_now(settings, migrate=False))
 
     async def work(storage: Storage) -> tuple[dict[str, Any], list[ProductCounts]]:
-        catalog = await storage.load_catalog()
+        catalog = await load_catalog(storage)
         minimum = settings.min_group_size if args.public else 0
         document = await stats_document(storage, catalog, query, min_group_size=minimum)
         return document, await storage.products(utc_today().isoformat())
 
     document, products = _with_storage(args, work)
-    _warn_if_unknown(document, products)
+    _warn_about_stats(document, products)
     if args.json:
         print(json.dumps(document, indent=1))
     elif args.daily:
@@ -706,7 +1026,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_if_unknown(document: dict[str, Any], products: Sequence[ProductCounts]) -> None:
+def _warn_about_stats(document: dict[str, Any], products: Sequence[ProductCounts]) -> None:
     """A warning line on stderr when the product has no releases or no reports."""
     product = document["product"]
     known = ", ".join(p.product for p in products) or "none"

@@ -19,7 +19,8 @@ place that maps them to HTTP statuses and the JSON error shape.
     │   ├── ShuttingDownError .... the server is draining before exit
     │   └── StorageUnavailableError  the database could not commit (locked, full, read-only)
     ├── BackupError .............. a backup cannot be written where asked (CLI)
-    ├── CatalogError ............. a release could not be added or parsed (CLI)
+    ├── CatalogError ............. a release, policy or advisory could not be added or parsed
+    ├── SyncError ................ the release list upstream could not be read or used
     ├── SchemaError .............. the database file cannot be opened or is not one this
     │                              version can use
     ├── TlsError ................. the TLS certificate or key cannot be used (serve)
@@ -111,6 +112,14 @@ class BackupError(TelemetryError):
 
 class CatalogError(TelemetryError):
     """A release could not be parsed, added or imported."""
+
+
+class SyncError(TelemetryError):
+    """A release sync failed; ``retry_after`` is set when the upstream asked us to wait."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SchemaError(TelemetryError):

@@ -21,9 +21,10 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from .catalog import Catalog
 from .errors import QueryError
 from .protocol import DEFAULT_PRODUCT, product_slug
-from .releases import Catalog, Release
+from .releases import Release
 from .storage import AggregateResult, ProductCounts, Storage, Window
 from .versions import Version, VersionError, parse_version
 
@@ -34,7 +35,7 @@ DEFAULT_DAYS = 30
 TOP_DAILY_VERSIONS = 8  # versions shown by name in ``daily[].by_version``; the rest is "other"
 OTHER = "other"
 UNKNOWN = "unknown"  # a platform the User-Agent did not name
-HEAP_BUCKETS_PER_DOUBLING = 8  # must match the bucket expression in storage.DAY_HEAPS_SQL
+HEAP_BUCKETS_PER_DOUBLING = 8  # must match the bucket expression in storage.DAY_GROUPS_SQL
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +202,43 @@ def build_document(
         "daily": daily,
         "heap_by_version": _heaps(window.heaps, shown, average),
         "min_compatible_versions": min_compatible,
-        "advisories": [],
+        "advisories": _advisories(catalog, product, version_totals, average, shown),
     }
+
+
+def _advisories(
+    catalog: Catalog,
+    product: str,
+    version_totals: Mapping[str, list[int]],
+    average: Callable[[float], float],
+    shown: Callable[[float], bool],
+) -> list[dict[str, Any]]:
+    """The product's advisories that affect reported versions, with the average daily
+    instances on those versions (by version; a record limited to some operating systems counts
+    every platform), most first. Public: an advisory under the group size is left out, and a
+    version under it is named ``other``."""
+    result: list[dict[str, Any]] = []
+    for advisory in catalog.advisories(product):
+        affected = [
+            v
+            for v in version_totals
+            if (parsed := _version(v)) is not None and advisory.affects(parsed, None)[0]
+        ]
+        instance_days = sum(version_totals[v][0] for v in affected)
+        if not instance_days or not shown(instance_days):
+            continue
+        named = {v if shown(version_totals[v][0]) else OTHER for v in affected}
+        result.append(
+            {
+                "id": advisory.id,
+                "severity": advisory.severity,
+                "summary": advisory.summary,
+                "instances": average(instance_days),
+                "versions": _newest_first(named),
+            }
+        )
+    result.sort(key=lambda entry: -entry["instances"])
+    return result
 
 
 def products_document(products: Iterable[ProductCounts]) -> dict[str, Any]:

@@ -92,7 +92,76 @@ SCHEMA_V2 = (
     """,
 )
 
+
+def _bumps_generation(table: str) -> tuple[str, ...]:
+    """Triggers that bump the catalog generation on any change to ``table``."""
+    # ``table`` is one of this module's own table names, never input.
+    return tuple(
+        f"""
+        CREATE TRIGGER {table}_{done} AFTER {event} ON {table} BEGIN
+            UPDATE meta SET value = value + 1 WHERE key = 'catalog_generation';
+        END
+        """  # noqa: S608
+        for event, done in (("INSERT", "inserted"), ("UPDATE", "updated"), ("DELETE", "deleted"))
+    )
+
+
 SCHEMA_V3 = (
+    # The operator's policy per product: the pinned tag (nothing newer is announced) and the
+    # minimum supported version with its notice URL.
+    """
+    CREATE TABLE product_policies (
+        product TEXT PRIMARY KEY,
+        pinned_tag TEXT,
+        min_version TEXT,
+        support_notice TEXT,
+        updated_at INTEGER NOT NULL
+    ) WITHOUT ROWID
+    """,
+    # Per release: yanked (never offered; its instances are told to move) and partial
+    # rollouts (offered to rollout_percent % of instances). Kept apart from ``releases`` so
+    # that a sync or an import never clears them.
+    """
+    CREATE TABLE release_policies (
+        product TEXT NOT NULL,
+        tag TEXT NOT NULL,
+        yanked INTEGER NOT NULL DEFAULT 0,
+        yank_reason TEXT NOT NULL DEFAULT '',
+        rollout_percent INTEGER,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (product, tag)
+    ) WITHOUT ROWID
+    """,
+    # Security advisories per product, each the OSV record as imported (JSON text).
+    """
+    CREATE TABLE advisories (
+        product TEXT NOT NULL,
+        id TEXT NOT NULL,
+        record TEXT NOT NULL,
+        added_at INTEGER NOT NULL,
+        PRIMARY KEY (product, id)
+    ) WITHOUT ROWID
+    """,
+    # What the last GitHub sync of a product saw: the source it read, the ETag of its first
+    # page (for If-None-Match), the last success and the last error. Never the token.
+    """
+    CREATE TABLE sync_state (
+        product TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        etag TEXT,
+        last_attempt_at INTEGER,
+        last_success_at INTEGER,
+        last_error TEXT,
+        last_error_at INTEGER,
+        retry_after_at INTEGER
+    ) WITHOUT ROWID
+    """,
+    *_bumps_generation("product_policies"),
+    *_bumps_generation("release_policies"),
+    *_bumps_generation("advisories"),
+)
+
+SCHEMA_V4 = (
     # Statistics read from these aggregates, never from raw rows. A background task (see
     # ``insights.Aggregator``) rewrites the aggregates of each UTC day that changed since its
     # watermark, from the raw rows of every worker shard (an instance seen by two workers on
@@ -189,4 +258,4 @@ SCHEMA_V3 = (
     """,
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4)

@@ -11,6 +11,7 @@ from .http_errors import Handler, json_errors, method_not_allowed, not_found
 # Each route is described in openapi.json (tests/test_openapi.py fails otherwise).
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/v1/version", handlers.post_version),
+    ("GET", "/repos/{owner}/{repo}/releases", handlers.get_releases),
     ("GET", "/repos/{owner}/{repo}/releases/latest", handlers.get_latest_release),
     ("GET", "/repos/{owner}/{repo}/releases/{release_id:\\d{1,18}}/assets",
      handlers.get_release_assets),

@@ -22,16 +22,20 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 from urllib.parse import quote
 
 import aiosqlite
 
+from .advisories import Advisory, advisory_from_osv
 from .codec import json_codec
 from .errors import BackupError, CatalogError, SchemaError, StorageUnavailableError
 from .migrations import MIGRATIONS
+from .policy import Policy
 from .protocol import Report
-from .releases import Catalog, Release, release_from_mapping
+from .releases import Release, release_from_mapping
+from .versions import VersionError, parse_version
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +299,29 @@ def existing_shards(db: str | Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(f"{path.stem}.worker*") if pattern.match(p.name))
 
 
+@dataclass(frozen=True, slots=True)
+class CatalogParts:
+    """Everything the in-memory catalog is built from (see ``catalog.load_catalog``)."""
+
+    releases: list[tuple[str, Release]]
+    policies: dict[str, Policy]
+    advisories: list[tuple[str, Advisory]]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncState:
+    """What the last sync of one product saw (Unix seconds; ``None`` for never)."""
+
+    product: str
+    source: str
+    etag: str | None = None
+    last_attempt_at: int | None = None
+    last_success_at: int | None = None
+    last_error: str | None = None
+    last_error_at: int | None = None
+    retry_after_at: int | None = None
+
+
 def backup_pairs(db: str | Path, dest: str | Path) -> list[tuple[Path, Path]]:
     """(file, copy) for a backup of ``db`` to ``dest``: the main file to ``dest``, each existing
     worker shard to ``dest``'s shard of the same number, so the copy is a database like ``db``."""
@@ -381,7 +408,7 @@ class Storage:
         # A few stat calls at open time, before any connection exists: not worth a thread.
         uri = _database_uri(Path(path), create=migrate)
         try:
-            conn = await aiosqlite.connect(uri, isolation_level=None, uri=True)
+            conn = await _connect(uri)
         except sqlite3.Error as exc:
             raise SchemaError(f"{path}: cannot open the database: {exc}") from None
         try:
@@ -493,11 +520,223 @@ class Storage:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
-    async def load_catalog(self) -> Catalog:
-        """Read every product's releases into an in-memory :class:`Catalog`."""
+    async def load_catalog_parts(self) -> CatalogParts:
+        """Read every product's releases, policy and advisories.
+
+        A stored row that no longer passes validation (written by an older version or by hand)
+        is skipped with a warning rather than taking the whole catalog down.
+        """
         async with self._conn.execute(SELECT_RELEASES_SQL) as cursor:
             rows = await cursor.fetchall()
-        return Catalog((row[1], _release_from_row(row)) for row in rows)
+        releases = []
+        for row in rows:
+            try:
+                releases.append((row[1], _release_from_row(row)))
+            except CatalogError as exc:
+                logger.warning("catalog: skipping stored release %s %s: %s", row[1], row[2], exc)
+        policies = await self._policies()
+        async with self._conn.execute("SELECT product, id, record FROM advisories") as cursor:
+            advisory_rows = await cursor.fetchall()
+        advisories = []
+        for product, ident, record in advisory_rows:
+            try:
+                advisories.append((product, advisory_from_osv(json.loads(record))))
+            except (CatalogError, ValueError) as exc:
+                logger.warning("catalog: skipping stored advisory %s %s: %s", product, ident, exc)
+        return CatalogParts(releases, policies, advisories)
+
+    async def _policies(self) -> dict[str, Policy]:
+        products: dict[str, dict[str, Any]] = {}
+        async with self._conn.execute(
+            "SELECT product, pinned_tag, min_version, support_notice FROM product_policies"
+        ) as cursor:
+            for product, pinned, minimum, notice in await cursor.fetchall():
+                entry = products.setdefault(product, {"yanked": {}, "rollouts": {}})
+                entry["pinned"] = pinned
+                entry["notice"] = notice
+                try:
+                    entry["min_version"] = parse_version(minimum) if minimum else None
+                except VersionError:
+                    logger.warning("catalog: %s: stored min_version %r ignored", product, minimum)
+        async with self._conn.execute(
+            "SELECT product, tag, yanked, yank_reason, rollout_percent FROM release_policies"
+        ) as cursor:
+            for product, tag, yanked, reason, percent in await cursor.fetchall():
+                entry = products.setdefault(product, {"yanked": {}, "rollouts": {}})
+                if yanked:
+                    entry["yanked"][tag] = reason
+                if percent is not None:
+                    entry["rollouts"][tag] = int(percent)
+        return {product: Policy(**entry) for product, entry in products.items()}
+
+    # -- policy (each change bumps the catalog generation through the tables' triggers) -------
+
+    async def set_product_policy(self, product: str, **changes: str | None) -> None:
+        """Set ``pinned_tag``, ``min_version`` and/or ``support_notice`` (``None`` clears)."""
+        allowed = {"pinned_tag", "min_version", "support_notice"}
+        if not changes or set(changes) - allowed:
+            raise ValueError(f"policy fields are {sorted(allowed)}")
+        columns = sorted(changes)
+        await self._conn.execute(
+            "INSERT INTO product_policies (product, updated_at) VALUES (?, ?)"
+            " ON CONFLICT (product) DO NOTHING",
+            (product, int(time.time())),
+        )
+        assignments = ", ".join(f"{c} = ?" for c in columns)  # names from the allow-list above
+        await self._conn.execute(
+            f"UPDATE product_policies SET {assignments}, updated_at = ? WHERE product = ?",  # noqa: S608
+            (*(changes[c] for c in columns), int(time.time()), product),
+        )
+
+    async def set_release_policy(
+        self,
+        product: str,
+        tag: str,
+        *,
+        yanked: bool | None = None,
+        reason: str | None = None,
+        rollout_percent: int | EllipsisType | None = ...,
+    ) -> bool:
+        """Yank/unyank a release or set its rollout (``None``: fully rolled out).
+
+        Returns whether anything changed; raises :class:`CatalogError` if ``tag`` is not in
+        the catalog.
+        """
+        async with self._conn.execute(
+            "SELECT 1 FROM releases WHERE product = ? AND tag = ?", (product, tag)
+        ) as cursor:
+            if await cursor.fetchone() is None:
+                raise CatalogError(f"{product} {tag} is not in the catalog")
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            async with self._conn.execute(
+                "SELECT yanked, yank_reason, rollout_percent FROM release_policies"
+                " WHERE product = ? AND tag = ?",
+                (product, tag),
+            ) as cursor:
+                row = await cursor.fetchone()
+            old = (bool(row[0]), row[1], row[2]) if row else (False, "", None)
+            new = (
+                old[0] if yanked is None else yanked,
+                (reason or "") if yanked else ("" if yanked is False else old[1]),
+                old[2] if rollout_percent is ... else rollout_percent,
+            )
+            changed = new != old
+            if changed:
+                await self._conn.execute(
+                    "INSERT INTO release_policies (product, tag, yanked, yank_reason,"
+                    " rollout_percent, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (product, tag) DO UPDATE SET yanked = excluded.yanked,"
+                    " yank_reason = excluded.yank_reason,"
+                    " rollout_percent = excluded.rollout_percent,"
+                    " updated_at = excluded.updated_at",
+                    (product, tag, int(new[0]), new[1], new[2], int(time.time())),
+                )
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        return changed
+
+    # -- advisories --------------------------------------------------------------------------
+
+    async def import_advisories(
+        self, product: str, advisories: Sequence[Advisory], *, seed: bool = False
+    ) -> tuple[int, int]:
+        """Add new advisories and replace changed ones in one transaction; (added, updated).
+
+        With ``seed``, import only once per database lifetime (0, 0 after the first time).
+        """
+        key = f"advisories_seeded:{product}"
+        added = updated = 0
+        now = int(time.time())
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            if seed:
+                async with self._conn.execute("SELECT 1 FROM meta WHERE key = ?", (key,)) as c:
+                    if await c.fetchone():
+                        await self._conn.execute("COMMIT")
+                        return 0, 0
+                await self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, now))
+            for advisory in advisories:
+                record = json.dumps(advisory.record, sort_keys=True)
+                cursor = await self._conn.execute(
+                    "INSERT INTO advisories (product, id, record, added_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (product, id) DO NOTHING",
+                    (product, advisory.id, record, now),
+                )
+                if cursor.rowcount:
+                    added += 1
+                    continue
+                cursor = await self._conn.execute(
+                    "UPDATE advisories SET record = ? WHERE product = ? AND id = ?"
+                    " AND record IS NOT ?",
+                    (record, product, advisory.id, record),
+                )
+                updated += cursor.rowcount
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        return added, updated
+
+    async def remove_advisory(self, product: str, ident: str) -> bool:
+        """Remove one advisory; returns whether it existed."""
+        cursor = await self._conn.execute(
+            "DELETE FROM advisories WHERE product = ? AND id = ?", (product, ident)
+        )
+        return cursor.rowcount > 0
+
+    # -- sync state --------------------------------------------------------------------------
+
+    async def sync_state(self, product: str) -> SyncState | None:
+        async with self._conn.execute(
+            "SELECT product, source, etag, last_attempt_at, last_success_at, last_error,"
+            " last_error_at, retry_after_at FROM sync_state WHERE product = ?",
+            (product,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return SyncState(*row) if row else None
+
+    async def sync_states(self) -> list[SyncState]:
+        async with self._conn.execute(
+            "SELECT product, source, etag, last_attempt_at, last_success_at, last_error,"
+            " last_error_at, retry_after_at FROM sync_state ORDER BY product"
+        ) as cursor:
+            return [SyncState(*row) for row in await cursor.fetchall()]
+
+    async def save_sync_state(self, state: SyncState) -> None:
+        await self._conn.execute(
+            "INSERT OR REPLACE INTO sync_state (product, source, etag, last_attempt_at,"
+            " last_success_at, last_error, last_error_at, retry_after_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (state.product, state.source, state.etag, state.last_attempt_at,
+             state.last_success_at, state.last_error, state.last_error_at,
+             state.retry_after_at),
+        )  # fmt: skip
+
+    async def sync_releases(
+        self, product: str, releases: Sequence[Release], *, prune: bool
+    ) -> tuple[int, int, int]:
+        """Add and update ``releases`` and, with ``prune``, remove the product's releases not
+        among them; one transaction. Returns (added, updated, removed)."""
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            added, updated = await self._import(product, releases, update=True)
+            removed = 0
+            if prune:
+                keep = json.dumps([r.tag for r in releases])
+                cursor = await self._conn.execute(
+                    "DELETE FROM releases WHERE product = ?"
+                    " AND tag NOT IN (SELECT value FROM json_each(?))",
+                    (product, keep),
+                )
+                removed = cursor.rowcount
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        return added, updated, removed
 
     async def seed_catalog(self, product: str, releases: Sequence[Release]) -> int:
         """Import ``releases`` once per database lifetime (the first start).
@@ -522,17 +761,23 @@ class Storage:
             raise
         return added
 
-    async def add_release(self, product: str, release: Release, *, replace: bool = False) -> None:
-        """Add one release; raises :class:`CatalogError` if the tag exists and not ``replace``."""
+    async def add_release(self, product: str, release: Release, *, replace: bool = False) -> bool:
+        """Add one release; returns ``True`` if it was new, ``False`` if it replaced one.
+
+        Raises :class:`CatalogError` if the tag exists and not ``replace``.
+        """
         await self._conn.execute("BEGIN IMMEDIATE")
         try:
-            added, updated = await self._import(product, [release], update=replace)
-            if not (added or updated or replace):
-                raise CatalogError(f"{product} {release.tag} is already in the catalog")
+            added, _ = await self._import(product, [release], update=replace)
+            if not (added or replace):
+                raise CatalogError(
+                    f"{product} {release.tag} is already in the catalog (use --replace)"
+                )
             await self._conn.execute("COMMIT")
         except BaseException:
             await self._rollback()
             raise
+        return bool(added)
 
     async def import_releases(self, product: str, releases: Sequence[Release]) -> tuple[int, int]:
         """Add new tags and update changed ones in one transaction; returns (added, updated)."""
@@ -560,7 +805,7 @@ class Storage:
         for release in releases:
             fields = (
                 release.release_notes,
-                json.dumps(list(release.assets)),
+                json.dumps([asset.to_json() for asset in release.assets]),
                 release.published.isoformat() if release.published else None,
                 int(release.prerelease),
             )
@@ -941,7 +1186,7 @@ def _checked_synchronous(value: str) -> str:
 
 
 def _release_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Release:
-    release_id, _product, tag, notes, assets, published, prerelease = row
+    release_id, product, tag, notes, assets, published, prerelease = row
     release = release_from_mapping(
         {
             "tag": tag,
@@ -949,7 +1194,8 @@ def _release_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Release:
             "assets": json.loads(assets),
             "published": published,
             "prerelease": bool(prerelease),
-        }
+        },
+        product,
     )
     return replace(release, id=int(release_id))
 
@@ -996,6 +1242,19 @@ async def _check_current(conn: aiosqlite.Connection, path: str | Path) -> None:
             f"{path} has schema version {version}, newer than this version's {target};"
             " upgrade opa-telemetry"
         )
+
+
+async def _connect(uri: str) -> aiosqlite.Connection:
+    """Connect in aiosqlite's thread. If we are cancelled meanwhile (a background task
+    stopped as the server shuts down), wait for the connection and close it: an abandoned
+    one would finish later and call back into an event loop that may be closed by then."""
+    connecting = asyncio.ensure_future(aiosqlite.connect(uri, isolation_level=None, uri=True))
+    try:
+        return await asyncio.shield(connecting)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await (await connecting).close()
+        raise
 
 
 async def _refuse_newer(

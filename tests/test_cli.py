@@ -85,10 +85,19 @@ def test_releases_import_and_bad_files(tmp_path: Path, capsys: pytest.CaptureFix
     db = make_db(tmp_path / "t.db", seed=False)
     source = tmp_path / "mine.json"
     source.write_text(
-        json.dumps([{"tag": "2.0.0", "assets": ["https://dl.example/app-2.0.0"]}, {"tag": "1.0.0"}])
+        json.dumps(
+            [
+                {
+                    "tag": "2.0.0",
+                    "release_notes": "https://dl.example/notes/2.0.0",
+                    "assets": ["https://dl.example/app-2.0.0_linux_amd64.tar.gz"],
+                },
+                {"tag": "1.0.0", "release_notes": "https://dl.example/notes/1.0.0"},
+            ]
+        )
     )
     code, out, _ = run(capsys, "releases", "import", str(source), "--db", db, "--product", "myapp")
-    assert (code, out) == (0, "myapp: 2 added, 0 updated, 2 read\n")
+    assert (code, out) == (0, "myapp: 2 added, 0 replaced, 2 read\n")
     assert run(capsys, "releases", "latest", "--db", db, "--product", "myapp")[1] == "2.0.0\n"
     source.write_text('[{"tag": "not-a-version"}]')
     code, _, err = run(capsys, "releases", "import", str(source), "--db", db)

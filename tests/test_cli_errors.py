@@ -238,6 +238,7 @@ def test_the_server_errors_form_the_documented_tree() -> None:
         errors.StorageUnavailableError: errors.UnavailableError,
         errors.BackupError: errors.TelemetryError,
         errors.CatalogError: errors.TelemetryError,
+        errors.SyncError: errors.TelemetryError,
         errors.SchemaError: errors.TelemetryError,
         errors.TlsError: errors.TelemetryError,
         errors.UsageError: errors.TelemetryError,

@@ -19,8 +19,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
+from opa_telemetry_server.advisories import advisory_from_osv
 from opa_telemetry_server.app import create_app, prepare_database, purge_expired
 from opa_telemetry_server.appkeys import INSIGHTS
+from opa_telemetry_server.catalog import Catalog
 from opa_telemetry_server.cli import main
 from opa_telemetry_server.insights import (
     MAX_DAYS,
@@ -30,7 +32,7 @@ from opa_telemetry_server.insights import (
     parse_stats_query,
 )
 from opa_telemetry_server.metrics import top_versions
-from opa_telemetry_server.releases import Catalog, release_from_mapping
+from opa_telemetry_server.releases import release_from_mapping
 from opa_telemetry_server.storage import RETENTION_RUN_KEY, Storage, Window, shard_path
 
 from .conftest import AiohttpClient, make_settings, serve_argv, serving
@@ -126,7 +128,11 @@ async def test_stats_answer_the_documented_document(
         {"min_compatible_version": "", "instances": 9.0},
         {"min_compatible_version": "1.0.0", "instances": 1.0},
     ]
-    assert stats["advisories"] == []
+    # Advisories (the bundled OSV records) count the instances on the versions they affect.
+    by_name = {v["version"]: v["instances"] for v in stats["by_version"]}
+    for advisory in stats["advisories"]:
+        assert set(advisory["versions"]) <= set(by_name) and advisory["id"]
+        assert advisory["instances"] == sum(by_name[v] for v in advisory["versions"])
 
 
 async def test_the_cli_prints_the_same_document_as_the_api(
@@ -530,3 +536,38 @@ async def test_retention_runs_are_recorded_for_the_metrics(tmp_path: Path) -> No
     finally:
         await storage.close()
     assert recorded is not None and int(before) <= recorded <= time.time() + 1
+
+
+def test_advisories_count_the_instances_on_affected_versions() -> None:
+    record = {
+        "id": "GHSA-test-0000-0001",
+        "summary": "a test advisory",
+        "affected": [
+            {
+                "package": {"ecosystem": "Go", "name": "github.com/open-policy-agent/opa"},
+                "ranges": [{"type": "SEMVER", "events": [{"introduced": "0"}, {"fixed": "1.1.0"}]}],
+            }
+        ],
+    }
+    catalog = Catalog(advisories=[("opa", advisory_from_osv(record))])
+    days = [("2026-03-01", 12, 12, 0)]
+    versions = [
+        ("2026-03-01", "1.0.0", 8, 8),
+        ("2026-03-01", "1.0.1", 2, 2),
+        ("2026-03-01", "1.1.0", 2, 2),
+    ]
+    day = date(2026, 3, 1)
+    full = build_document("opa", day, day, window(days=days, versions=versions), catalog)
+    assert full["advisories"] == [
+        {
+            "id": "GHSA-test-0000-0001",
+            "severity": None,
+            "summary": "a test advisory",
+            "instances": 10.0,
+            "versions": ["1.0.1", "1.0.0"],
+        }
+    ]
+    public = build_document("opa", day, day, window(days=days, versions=versions), catalog, 5)
+    assert public["advisories"][0]["versions"] == ["1.0.0", "other"]
+    small = build_document("opa", day, day, window(days=days, versions=versions), catalog, 11)
+    assert small["advisories"] == []

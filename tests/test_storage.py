@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosqlite
 import pytest
 
+from opa_telemetry_server.catalog import load_catalog
 from opa_telemetry_server.errors import CatalogError, SchemaError
 from opa_telemetry_server.migrations import MIGRATIONS
 from opa_telemetry_server.protocol import Report
@@ -91,7 +94,7 @@ async def test_seed_catalog_runs_once_even_after_removals(storage: Storage) -> N
     assert await storage.seed_catalog("opa", bundled_releases()) == 139
     assert await storage.remove_release("opa", "v1.20.2")
     assert await storage.seed_catalog("opa", bundled_releases()) == 0
-    catalog = await storage.load_catalog()
+    catalog = await load_catalog(storage)
     assert catalog.latest("opa").tag == "v1.20.1"  # type: ignore[union-attr]
 
 
@@ -111,8 +114,9 @@ async def test_add_release_refuses_duplicates_unless_replacing(storage: Storage)
         await storage.add_release("opa", release_from_mapping({"tag": "v9.0.0"}))
     changed = release_from_mapping({"tag": "v9.0.0", "assets": ["opa_linux_amd64"]})
     await storage.add_release("opa", changed, replace=True)
-    latest = (await storage.load_catalog()).latest("opa")
-    assert latest is not None and latest.assets == ("opa_linux_amd64",) and latest.id > 0
+    latest = (await load_catalog(storage)).latest("opa")
+    assert latest is not None and latest.id > 0
+    assert [a.to_json() for a in latest.assets] == ["opa_linux_amd64"]
 
 
 async def test_import_counts_added_and_updated(storage: Storage) -> None:
@@ -243,3 +247,30 @@ async def test_a_window_of_heaps_is_the_running_totals_difference(storage: Stora
         conn.execute("DELETE FROM meta WHERE key = 'stats_watermark'")
     await storage.aggregate(now=day3)
     assert await heaps("2026-09-21", "2026-09-23") == [("1.5.1", 80, 2), ("1.5.1", 96, 2)]
+
+
+def test_a_cancelled_open_never_calls_back_into_a_closed_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background task stopped while it opens the database (retention, sync) as the server
+    shuts down: when the task is done, aiosqlite's thread has nothing left to deliver, so
+    closing the loop right away cannot make that thread fail."""
+    failures: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    before = set(threading.enumerate())
+
+    async def open_then_stop() -> None:
+        opening = asyncio.create_task(Storage.open(tmp_path / "t.db"))
+        await asyncio.sleep(0)  # it now waits for the connection in aiosqlite's thread
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(open_then_stop())
+    finally:
+        loop.close()  # at once, as a server's loop closes after its cleanup
+    for thread in set(threading.enumerate()) - before:
+        thread.join(5)  # a hang guard
+    assert failures == []
