@@ -31,9 +31,10 @@ from aiohttp.test_utils import TestClient
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Route, sync_playwright
 
 from opa_telemetry_server.app import create_app
+from opa_telemetry_server.catalog import Catalog
 from opa_telemetry_server.dashboard import CONTENT_SECURITY_POLICY, assets
 from opa_telemetry_server.protocol import Report, parse_report, parse_user_agent
-from opa_telemetry_server.releases import Catalog, bundled_releases
+from opa_telemetry_server.releases import bundled_releases
 from opa_telemetry_server.storage import Storage
 
 from .conftest import REPO, AiohttpClient, make_settings, serve_argv, serving
