@@ -544,6 +544,17 @@ def test_dashboard_asks_for_the_token_then_shows_the_fleet(
     over.hover(position={"x": box["width"] * 5 / 6, "y": box["height"] / 3})  # for the picture
     page.screenshot(path=str(SCREENSHOT_DIR / "dashboard.png"), full_page=True)
 
+    # Known advisories of the reported versions, most instances first, as the API lists them.
+    status, document = fetch(
+        f"{url}/v1/stats?product=opa&days=7", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert status == 200
+    advisories = [advisory["id"] for advisory in document["advisories"]]
+    assert advisories, f"v{fleet.old} has known advisories in the bundled catalog"
+    assert page.is_visible("#chart-advisories")
+    assert data_attribute(page, "#chart-advisories", "series") == advisories[:6]
+    assert data_attribute(page, "#chart-advisories", "total") == len(advisories)
+
     # The table view holds the same numbers.
     page.click("#view-table")
     assert page.is_visible("#table-daily") and not page.is_visible("#chart-adoption")
@@ -557,6 +568,7 @@ def test_dashboard_asks_for_the_token_then_shows_the_fleet(
             assert int(row[f"v{version}"]) == count, (day, version)
     platforms = {row[0] for row in table(page, "table-platforms")}
     assert platforms == fleet.platforms
+    assert [row[0] for row in table(page, "table-advisories")] == advisories
     page.screenshot(path=str(SCREENSHOT_DIR / "dashboard-table.png"), full_page=True)
 
     # The token travelled only as the bearer header of the page's own API requests.

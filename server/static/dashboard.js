@@ -13,6 +13,7 @@
     "#e377c2", "#17becf", "#bcbd22", "#393b79", "#ad494a", "#637939",
   ];
   const OTHER_COLOR = "#9aa5b1";
+  const ADVISORY_ROWS = 6;  // advisories listed above the charts (all of them are in the table)
   const HEAP_BARS = 8;  // versions drawn in the heap chart (all of them are in the table)
 
   const access = metaContent("opa-telemetry-access") || "token";
@@ -298,6 +299,7 @@
     renderChecks(doc);
     renderPlatforms(doc);
     renderHeap(doc);
+    renderAdvisories(doc);
   }
 
   function renderTiles(doc) {
@@ -374,7 +376,7 @@
     });
     makePlot(figure, {
       series: series,
-      axes: [timeAxis(), valueAxis({ values: (u, ticks) => ticks.map(fmtAxis), size: 56 })],
+      axes: [timeAxis(), countAxis({ values: (u, ticks) => ticks.map(fmtAxis), size: 56 })],
       scales: { y: { range: (u, min, max) => [0, niceMax(max)] } },
     }, [xs(daily), ...stacked]);
   }
@@ -434,7 +436,7 @@
           value: (u, v) => (v === null || v === undefined ? "–" : fmt(v)),
         },
       ],
-      axes: [timeAxis(), valueAxis({ values: (u, ticks) => ticks.map(fmtAxis), size: 48 })],
+      axes: [timeAxis(), countAxis({ values: (u, ticks) => ticks.map(fmtAxis), size: 48 })],
       scales: {
         x: { time: true, range: (u, min, max) => [min - halfDay, max + halfDay] },
         y: { range: (u, min, max) => [0, niceMax(max)] },
@@ -512,6 +514,44 @@
     box.replaceChildren(grid, keys);
   }
 
+  function renderAdvisories(doc) {
+    const figure = el("chart-advisories");
+    const all = doc.advisories || [];
+    const rows = all.slice(0, ADVISORY_ROWS);
+    figure.hidden = !all.length;
+    figure.dataset.series = JSON.stringify(rows.map((a) => a.id));
+    figure.dataset.total = String(all.length);
+    const list = document.createElement("div");
+    list.className = "advisories";
+    for (const advisory of rows) {
+      const severity = advisory.severity || "unrated";
+      const badge = textElement("span", severity, "severity " + severityClass(severity));
+      const id = textElement("code", advisory.id, "id");
+      const summary = textElement("span", advisory.summary || "", "summary");
+      const versions = textElement("span", (advisory.versions || []).map(versionLabel).join(", "),
+        "versions");
+      const num = textElement("span", fmt(advisory.instances) + "/day", "num");
+      const tip = advisory.id + " (" + severity + ")\n" + fmt(advisory.instances) +
+        " instances/day on " + (advisory.versions || []).map(versionLabel).join(", ");
+      for (const cell of [badge, id, summary, versions, num]) cell.dataset.tip = tip;
+      list.append(badge, id, summary, versions, num);
+    }
+    const box = figure.querySelector(".bars");
+    box.replaceChildren(list);
+    if (all.length > rows.length) {
+      box.appendChild(textElement("p", (all.length - rows.length) + " more in the table view",
+        "more"));
+    }
+  }
+
+  function severityClass(severity) {
+    const s = String(severity).toUpperCase();
+    if (s === "CRITICAL" || s === "HIGH") return "high";
+    if (s === "MODERATE" || s === "MEDIUM") return "moderate";
+    if (s === "LOW") return "low";
+    return "unrated";
+  }
+
   function renderTables(doc) {
     const daily = doc.daily || [];
     const model = adoptionModel(doc);
@@ -536,6 +576,10 @@
       ["min_compatible_version", "Instances"],
       (doc.min_compatible_versions || []).map((r) => [r.min_compatible_version || "(none sent)",
         fmt(r.instances)])));
+    cards.push(tableCard("table-advisories", "Advisories affecting the fleet",
+      ["Advisory", "Severity", "Summary", "Versions", "Instances/day"],
+      (doc.advisories || []).map((a) => [a.id, a.severity || "unrated", a.summary || "",
+        (a.versions || []).map(versionLabel).join(", "), fmt(a.instances)])));
     el("tables").replaceChildren(...cards);
   }
 
@@ -625,8 +669,16 @@
     };
   }
 
+  // Whole numbers of instances or checks: no tick at 2.5 instances.
+  const COUNT_INCRS = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1e3, 2e3, 2.5e3, 5e3, 1e4,
+    2e4, 2.5e4, 5e4, 1e5, 2e5, 2.5e5, 5e5, 1e6, 2e6, 2.5e6, 5e6, 1e7];
+
   function valueAxis(options) {
     return Object.assign(axisColors(), options);
+  }
+
+  function countAxis(options) {
+    return Object.assign(axisColors(), { incrs: COUNT_INCRS }, options);
   }
 
   const DAY = 86400;
