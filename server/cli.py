@@ -26,7 +26,7 @@ from dataclasses import fields, replace
 from datetime import UTC, date, datetime
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import __version__
 from .advisories import advisories_from_json
@@ -45,8 +45,10 @@ from .protocol import DEFAULT_PRODUCT, product_slug
 from .releases import check_url, release_from_mapping, releases_from_json
 from .settings import Settings, env_name
 from .storage import ProductCounts, PurgeResult, Storage
-from .sync import SyncResult, sync_product, sync_target
 from .tls import server_tls_context
+
+if TYPE_CHECKING:
+    from .sync import SyncResult
 from .versions import VersionError, parse_version
 
 logger = logging.getLogger(__name__)
@@ -789,6 +791,8 @@ def with_github_token(settings: Settings, environ: Mapping[str, str]) -> Setting
 
 
 def _run_releases_sync(args: argparse.Namespace) -> int:
+    from .sync import sync_product, sync_target  # an HTTP client: imported only to sync
+
     settings = with_github_token(settings_from_args(args), os.environ)
     target = sync_target(settings)
 
