@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -16,18 +17,27 @@ from typing import Any
 from aiohttp import web
 
 from .advisories import bundled_advisories
-from .appkeys import CODEC, INTAKE, REPOS, SETTINGS, STORAGE, Intake
+from .appkeys import CODEC, INSIGHTS, INTAKE, REPOS, REQUESTS, SETTINGS, STORAGE, Insights, Intake
 from .catalog import CatalogCache
 from .codec import json_codec
+from .database import open_storage
 from .errors import BackupError
 from .http_errors import logging_options
 from .ingest import Ingest
+from .insights import Aggregator
+from .metrics import FLUSH_INTERVAL, ProcessMetrics, RequestTally
 from .protocol import DEFAULT_PRODUCT
 from .ratelimit import RateLimiter
 from .releases import bundled_releases
 from .routes import setup_routes
 from .settings import Settings
-from .storage import PurgeResult, Storage, backup_pairs, existing_shards, shard_path
+from .storage import (
+    RETENTION_RUN_KEY,
+    PurgeResult,
+    backup_pairs,
+    existing_shards,
+    shard_path,
+)
 from .sync import run_sync, sync_target
 
 logger = logging.getLogger(__name__)
@@ -60,30 +70,24 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
+def create_app(
+    settings: Settings, *, worker: int = 0, metrics_dir: str | None = None
+) -> web.Application:
     """Build the application for ``settings``; the databases open when the app starts.
 
     ``worker`` numbers the process among ``settings.workers``: worker 0 commits reports to the
-    main database, worker N to its own shard beside it (see ``storage.shard_path``).
+    main database, worker N to its own shard beside it (see ``storage.shard_path``), and
+    worker 0 alone keeps the statistics aggregates. ``metrics_dir``: the workers' shared
+    prometheus-client multiprocess directory (set by the supervisor), else ``None``.
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[CODEC] = json_codec(settings.fast)
     app[REPOS] = settings.repo_products()
+    app[REQUESTS] = Counter()
     setup_routes(app, settings.prefix)
-    app.cleanup_ctx.append(partial(_databases, worker=worker))
+    app.cleanup_ctx.append(partial(_databases, worker=worker, metrics_dir=metrics_dir))
     return app
-
-
-async def open_storage(settings: Settings, path: str | Path, *, migrate: bool = True) -> Storage:
-    """Open ``path`` with the settings' SQLite options; only ``serve`` migrates."""
-    return await Storage.open(
-        path,
-        migrate=migrate,
-        synchronous=settings.synchronous,
-        busy_timeout_ms=int(settings.busy_timeout * 1000),
-        wal_checkpoint_pages=settings.wal_checkpoint_pages,
-    )
 
 
 async def prepare_database(settings: Settings) -> None:
@@ -103,8 +107,11 @@ async def prepare_database(settings: Settings) -> None:
         await storage.close()
 
 
-async def _databases(app: web.Application, worker: int) -> AsyncIterator[None]:
-    """Open storage, load the catalog and start the writer; on cleanup drain and close."""
+async def _databases(
+    app: web.Application, worker: int, metrics_dir: str | None
+) -> AsyncIterator[None]:
+    """Open storage, load the catalog and start the writer and the aggregator; on cleanup
+    drain the queue, bring the aggregates up to date and close."""
     settings = app[SETTINGS]
     if worker == 0:
         await prepare_database(settings)
@@ -135,10 +142,26 @@ async def _databases(app: web.Application, worker: int) -> AsyncIterator[None]:
             extra_max_bytes=settings.extra_max_bytes,
             max_body_bytes=settings.max_body_bytes,
             read_timeout=settings.read_timeout,
+            requests=app[REQUESTS],
         )  # fmt: skip
+        reader = await open_storage(settings, settings.db, migrate=False)
+        stack.push_async_callback(reader.close)
+        aggregator = None
+        if worker == 0:
+            aggregating = await open_storage(settings, settings.db, migrate=False)
+            stack.push_async_callback(aggregating.close)
+            aggregator = Aggregator(
+                aggregating, settings.db, settings.stats_interval, existing_shards
+            )
+        metrics = ProcessMetrics(metrics_dir)
+        app[INSIGHTS] = Insights(reader=reader, metrics=metrics, aggregator=aggregator)
         writer = asyncio.create_task(ingest.run(), name="opa-telemetry-writer")
         refresher = asyncio.create_task(cache.run(), name="opa-telemetry-catalog-refresh")
         stack.push_async_callback(_cancel, refresher)
+        flusher = asyncio.create_task(
+            _flush_metrics(metrics, app[REQUESTS], ingest), name="opa-telemetry-metrics"
+        )
+        stack.push_async_callback(_cancel, flusher)
         if worker == 0 and settings.sync_interval:
             syncing = asyncio.create_task(
                 run_sync(partial(open_storage, settings, settings.db), [sync_target(settings)],
@@ -149,6 +172,11 @@ async def _databases(app: web.Application, worker: int) -> AsyncIterator[None]:
         if worker == 0 and settings.retention_days:
             retention = asyncio.create_task(_retention(settings), name="opa-telemetry-retention")
             stack.push_async_callback(_cancel, retention)
+        if aggregator is not None:
+            # On the way out, after the drain: the aggregates include every committed report.
+            stack.push_async_callback(_final_aggregation, aggregator)
+            aggregation = asyncio.create_task(aggregator.run(), name="opa-telemetry-aggregator")
+            stack.push_async_callback(_cancel, aggregation)
         stack.push_async_callback(_drain, ingest, writer, settings.shutdown_timeout)
         yield
 
@@ -187,9 +215,38 @@ async def purge_expired(
                 announce(expired, before)
             if dry_run or not expired.days:
                 return PurgeResult()
-        return await storage.roll_up_and_purge(before, shards)
+        result = await storage.roll_up_and_purge(before, shards)
+        await storage.set_meta(RETENTION_RUN_KEY, int(datetime.now(UTC).timestamp()))
+        return result
     finally:
         await storage.close()
+
+
+async def aggregate_now(settings: Settings, *, migrate: bool = True) -> None:
+    """Bring the statistics aggregates up to date (main database and shards), on a
+    connection of its own."""
+    storage = await open_storage(settings, settings.db, migrate=migrate)
+    try:
+        await storage.aggregate(existing_shards(settings.db))
+    finally:
+        await storage.close()
+
+
+async def _final_aggregation(aggregator: Aggregator) -> None:
+    try:
+        await aggregator.run_once()
+    except Exception:
+        logger.warning("statistics aggregation at shutdown failed", exc_info=True)
+
+
+async def _flush_metrics(metrics: ProcessMetrics, requests: RequestTally, ingest: Ingest) -> None:
+    """Copy the hot path's tallies into the metrics every ``FLUSH_INTERVAL`` seconds."""
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL)
+        try:
+            metrics.flush(requests, ingest)
+        except Exception:
+            logger.warning("metrics flush failed", exc_info=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -121,6 +122,7 @@ class CatalogCache:
         self._interval = interval
         self._dumps = dumps
         self._generation = -1
+        self.checked_at: float | None = None  # when the database last confirmed this copy
         self._answers: dict[tuple[Any, ...], bytes] = {}
         self._rollouts: dict[str, tuple[Release | None, ...]] = {}
         self.catalog = Catalog()
@@ -171,12 +173,14 @@ class CatalogCache:
         """Reload if the catalog changed since the last load; returns whether it did."""
         generation = await self._storage.catalog_generation()
         if generation == self._generation:
+            self.checked_at = time.time()
             return False
         catalog = await load_catalog(self._storage)
         self.catalog = catalog
         self._rollouts = catalog.rollouts
         self._answers = {}
         self._generation = generation
+        self.checked_at = time.time()
         return True
 
     async def run(self) -> None:

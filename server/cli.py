@@ -2,7 +2,8 @@
 
 The only module that reads ``sys.argv`` or ``os.environ``. Every ``serve`` flag comes from a
 :class:`Settings` field and can also be set by its env var (``OPA_TELEMETRY_SERVER_<NAME>``);
-a flag beats the env var, which beats the default.
+a flag beats the env var, which beats the default. The web stack (aiohttp, the app) is
+imported only by the commands that need it, so that ``stats`` and ``releases`` start fast.
 """
 
 from __future__ import annotations
@@ -18,34 +19,36 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import asdict, fields, replace
-from datetime import UTC, date, datetime, timedelta
+from dataclasses import fields, replace
+from datetime import UTC, date, datetime
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import __version__
 from .advisories import advisories_from_json
-from .app import (
-    backup_database,
-    create_app,
-    open_storage,
-    prepare_database,
-    purge_expired,
-    runner_options,
-)
 from .catalog import Catalog, load_catalog
-from .errors import CatalogError, SyncError, TelemetryError, UsageError
+from .database import open_storage
+from .errors import CatalogError, QueryError, SyncError, TelemetryError, UsageError
+from .insights import (
+    DEFAULT_DAYS,
+    MAX_DAYS,
+    parse_stats_query,
+    products_document,
+    stats_document,
+    utc_today,
+)
 from .protocol import DEFAULT_PRODUCT, product_slug
 from .releases import check_url, release_from_mapping, releases_from_json
 from .settings import Settings, env_name
-from .storage import Day, PurgeResult, Stats, Storage, existing_shards
-from .sync import SyncResult, sync_product, sync_target
+from .storage import ProductCounts, PurgeResult, Storage
 from .tls import server_tls_context
+
+if TYPE_CHECKING:
+    from .sync import SyncResult
 from .versions import VersionError, parse_version
 
 logger = logging.getLogger(__name__)
@@ -235,16 +238,38 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     advisory_remove = advisory_command("remove", "remove one advisory", _run_advisories_remove)
     advisory_remove.add_argument("id")
 
-    stats = commands.add_parser("stats", help="instances per version and platform")
-    add_settings_flags(stats, environ, STORAGE_SETTINGS)
+    stats = commands.add_parser(
+        "stats", help="fleet statistics: instances per day, version and platform"
+    )
+    add_settings_flags(stats, environ, (*STORAGE_SETTINGS, "min_group_size"))
     _add_product_flag(stats)
-    stats.add_argument("--days", type=positive_int, default=7, help="last N UTC days (7)")
-    stats.add_argument("--json", action="store_true", help="print JSON")
     stats.add_argument(
-        "--daily", action="store_true",
-        help="instances and reports per day, including days already rolled up by retention",
+        "--days", type=positive_int, default=DEFAULT_DAYS,
+        help=f"the last N UTC days, today included (1-{MAX_DAYS}; default {DEFAULT_DAYS})",
+    )  # fmt: skip
+    stats.add_argument(
+        "--json", action="store_true", help="print the JSON document GET /v1/stats answers"
+    )
+    stats.add_argument("--daily", action="store_true", help="print one line per day")
+    stats.add_argument(
+        "--refresh", action="store_true",
+        help="first bring the aggregates up to date from new reports (the server does this"
+        " every --stats-interval seconds and when it stops)",
+    )  # fmt: skip
+    stats.add_argument(
+        "--public", action="store_true",
+        help="what anyone sees with --public-stats: groups under --min-group-size as 'other'",
     )  # fmt: skip
     stats.set_defaults(run=_run_stats)
+
+    products = commands.add_parser(
+        "products", help="the products the server knows, with release and report counts"
+    )
+    add_settings_flags(products, environ, STORAGE_SETTINGS)
+    products.add_argument(
+        "--json", action="store_true", help="print the JSON document GET /v1/products answers"
+    )
+    products.set_defaults(run=_run_products)
 
     purge = commands.add_parser(
         "purge", help="roll up and delete raw rows older than the retention period"
@@ -270,6 +295,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     backup.set_defaults(run=_run_backup)
     return parser
 
+
+# prometheus-client's switch to multiprocess mode: the directory the workers share.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # The settings every command that opens the database reads.
 STORAGE_SETTINGS = ("db", "busy_timeout", "synchronous")
@@ -449,6 +477,8 @@ def _supervise(settings: Settings) -> int:
     every worker exited cleanly after SIGINT/SIGTERM, 1 if one died on its own (the others are
     then stopped too, so a process manager can restart the whole server).
     """
+    from .app import aggregate_now, prepare_database
+
     server_tls_context(settings)  # each worker loads its own; a bad file stops us here, once
     asyncio.run(prepare_database(settings))
     reserved = None
@@ -457,12 +487,18 @@ def _supervise(settings: Settings) -> int:
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reserved.bind((settings.host, 0))
         settings = replace(settings, port=reserved.getsockname()[1])
+    # One private directory where every worker's metrics live, so that a scrape of any worker
+    # adds up all of them (prometheus-client's multiprocess mode reads it from the environment
+    # the spawned workers inherit, before their first import of it).
+    metrics_dir = tempfile.TemporaryDirectory(prefix="opa-telemetry-metrics-")
+    previous_env = os.environ.get(MULTIPROCESS_ENV)
+    os.environ[MULTIPROCESS_ENV] = metrics_dir.name
     context = multiprocessing.get_context("spawn")
     # One pipe per worker for its "listening" (or why it could not start): no lock shared
     # between processes, so a worker stopped at any moment cannot block another's message.
     pipes = [context.Pipe(duplex=False) for _ in range(settings.workers)]
     workers = [
-        context.Process(target=_worker, args=(settings, index, pipes[index][1]),
+        context.Process(target=_worker, args=(settings, index, pipes[index][1], metrics_dir.name),
                         name=f"worker{index}", daemon=True)
         for index in range(settings.workers)
     ]  # fmt: skip
@@ -473,6 +509,7 @@ def _supervise(settings: Settings) -> int:
         stopping = True
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    started = 0
     try:
         for worker in workers:
             worker.start()
@@ -505,6 +542,17 @@ def _supervise(settings: Settings) -> int:
             signal.signal(sig, handler)
         if reserved is not None:
             reserved.close()
+        if previous_env is None:
+            os.environ.pop(MULTIPROCESS_ENV, None)
+        else:
+            os.environ[MULTIPROCESS_ENV] = previous_env
+        metrics_dir.cleanup()
+        if started == len(workers):
+            # Every worker has drained: the aggregates now include each acknowledged report.
+            try:
+                asyncio.run(aggregate_now(settings, migrate=False))
+            except Exception as exc:  # noqa: BLE001 - the server has stopped; say so and go
+                logger.warning("statistics aggregation after the workers stopped: %s", exc)
 
 
 def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int) -> int:
@@ -523,13 +571,21 @@ def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int)
     return code
 
 
-def _worker(settings: Settings, index: int, ready: multiprocessing.connection.Connection) -> None:
+def _worker(
+    settings: Settings,
+    index: int,
+    ready: multiprocessing.connection.Connection,
+    metrics_dir: str,
+) -> None:
     """One worker process: serve on the shared port until SIGTERM (or SIGINT). It sends its
     index once it listens, or the one-line reason it could not start."""
     _configure_logging(settings)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
-            runner.run(serve(settings, lambda _: ready.send(index), worker=index, reuse_port=True))
+            runner.run(
+                serve(settings, lambda _: ready.send(index), worker=index, reuse_port=True,
+                      metrics_dir=metrics_dir)
+            )  # fmt: skip
     except (TelemetryError, OSError) as exc:
         ready.send(f"worker {index}: {_describe(exc)}")
         sys.exit(1)
@@ -554,12 +610,17 @@ async def serve(
     *,
     worker: int = 0,
     reuse_port: bool = False,
+    metrics_dir: str | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting, drain the queue and return.
 
     ``ready`` receives the base URL once the socket listens (default: print it): ``https://``
     when ``settings`` name a TLS certificate (raises :class:`TlsError` if it cannot be used).
     """
+    from aiohttp import web
+
+    from .app import create_app, runner_options
+
     tls = server_tls_context(settings)  # before anything else: a bad file is a one-line error
     # Handlers first: a SIGTERM that arrives while we start (or right after "listening") must
     # still mean "drain and exit 0", never the default of dying on the spot.
@@ -568,7 +629,7 @@ async def serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        app = create_app(settings, worker=worker)
+        app = create_app(settings, worker=worker, metrics_dir=metrics_dir)
         runner = web.AppRunner(
             app,
             handle_signals=False,
@@ -730,6 +791,8 @@ def with_github_token(settings: Settings, environ: Mapping[str, str]) -> Setting
 
 
 def _run_releases_sync(args: argparse.Namespace) -> int:
+    from .sync import sync_product, sync_target  # an HTTP client: imported only to sync
+
     settings = with_github_token(settings_from_args(args), os.environ)
     target = sync_target(settings)
 
@@ -899,22 +962,6 @@ def _run_advisories_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_daily(args: argparse.Namespace, since: str) -> int:
-    shards = existing_shards(settings_from_args(args).db)
-
-    async def work(storage: Storage) -> list[Day]:
-        return await storage.daily(args.product, since, shards)
-
-    days = _with_storage(args, work)
-    if args.json:
-        print(json.dumps([asdict(day) for day in days], indent=1))
-        return 0
-    print(f"{'DAY (UTC)':<12} {'INSTANCES':>9} {'REPORTS':>9}  SOURCE")
-    for day in days:
-        print(f"{day.day:<12} {day.instances:>9} {day.reports:>9}  {day.source}")
-    return 0
-
-
 def _run_purge(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.retention_days == 0:
@@ -932,6 +979,8 @@ def _run_purge(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    from .app import purge_expired
+
     result = asyncio.run(purge_expired(settings, announce=announce, dry_run=args.dry_run))
     if result.days:
         print(f"{result.days} days rolled up, {result.rows_deleted} raw rows deleted")
@@ -940,6 +989,8 @@ def _run_purge(args: argparse.Namespace) -> int:
 
 def _run_backup(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    from .app import backup_database
+
     written = asyncio.run(backup_database(settings, args.dest, force=args.force))
     for file in written:
         print(f"wrote {file.copy} ({file.size} bytes), a snapshot of {file.source}")
@@ -951,30 +1002,88 @@ def _run_backup(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    since = (datetime.now(UTC).date() - timedelta(days=args.days - 1)).isoformat()
+    """The statistics document, built by the same code as ``GET /v1/stats``."""
+    try:
+        query = parse_stats_query({"product": args.product, "days": str(args.days)})
+    except QueryError as exc:
+        raise UsageError("; ".join(f"--{detail}" for detail in exc.details)) from None
+    settings = settings_from_args(args)
+    if args.refresh:
+        from .app import aggregate_now
 
-    if args.daily:
-        return _print_daily(args, since)
-    shards = existing_shards(settings_from_args(args).db)
+        asyncio.run(aggregate_now(settings, migrate=False))
 
-    async def work(storage: Storage) -> Stats:
-        return await storage.stats(args.product, since, shards)
+    async def work(storage: Storage) -> tuple[dict[str, Any], list[ProductCounts]]:
+        catalog = await load_catalog(storage)
+        minimum = settings.min_group_size if args.public else 0
+        document = await stats_document(storage, catalog, query, min_group_size=minimum)
+        return document, await storage.products(utc_today().isoformat())
 
-    stats = _with_storage(args, work)
-    if not stats.reports and not stats.version_checks:
-        print(f"warning: no reports or checks of {stats.product} since {stats.since}"
-              " (product names are slugs: check --product)", file=sys.stderr)  # fmt: skip
+    document, products = _with_storage(args, work)
+    _warn_about_stats(document, products)
     if args.json:
-        print(json.dumps(asdict(stats), indent=1))
-        return 0
+        print(json.dumps(document, indent=1))
+    elif args.daily:
+        _print_daily(document)
+    else:
+        _print_stats(document)
+    return 0
+
+
+def _warn_about_stats(document: dict[str, Any], products: Sequence[ProductCounts]) -> None:
+    """A warning line on stderr when the product has no releases or no reports."""
+    product = document["product"]
+    known = ", ".join(p.product for p in products) or "none"
+    counts = next((p for p in products if p.product == product), None)
+    if counts is None or not counts.releases:
+        print(f"warning: {product} has no releases in the catalog (products: {known})",
+              file=sys.stderr)  # fmt: skip
+    if counts is None or not counts.reports:
+        print(f"warning: no reports from {product} have been aggregated (products: {known})",
+              file=sys.stderr)  # fmt: skip
+
+
+def _print_stats(document: dict[str, Any]) -> None:
+    instances = document["instances"]
     print(
-        f"{stats.product} since {stats.since} (UTC): {stats.instances} instances,"
-        f" {stats.reports} reports, {stats.version_checks} release checks"
+        f"{document['product']}, {document['since']} to {document['until']}"
+        f" ({document['days']} UTC days; aggregated {document['aggregated_at'] or 'never'})"
     )
-    print(f"\n{'VERSION':<24} {'INSTANCES':>9} {'REPORTS':>9}")
-    for v in stats.by_version:
-        print(f"{v.version:<24} {v.instances:>9} {v.reports:>9}")
-    print(f"\n{'OS':<10} {'ARCH':<10} {'INSTANCES':>9}")
-    for p in stats.by_platform:
-        print(f"{p.os:<10} {p.arch:<10} {p.instances:>9}")
+    print(
+        f"instances a day (distinct ids: process runs): {instances['average_daily']:g} average,"
+        f" {instances['peak_daily']} peak, {instances['latest_day']} on {document['until']}"
+    )
+    print(
+        f"{document['reports']} reports, {document['version_checks']} release checks;"
+        f" latest release {document['latest_release'] or 'unknown'}"
+    )
+    print(f"\n{'VERSION':<24} {'INSTANCES/DAY':>13} {'REPORTS':>10}")
+    for v in document["by_version"]:
+        print(f"{v['version']:<24} {v['instances']:>13g} {v['reports']:>10}")
+    print(f"\n{'OS':<10} {'ARCH':<10} {'INSTANCES/DAY':>13}")
+    for p in document["by_platform"]:
+        print(f"{p['os']:<10} {p['arch']:<10} {p['instances']:>13g}")
+
+
+def _print_daily(document: dict[str, Any]) -> None:
+    print(f"{'DAY (UTC)':<12} {'INSTANCES':>9} {'REPORTS':>9} {'CHECKS':>7} {'OUT OF DATE':>11}")
+    for day in document["daily"]:
+        share = f"{day['out_of_date_share']:.1%}" if day["instances"] else "-"
+        print(
+            f"{day['day']:<12} {day['instances']:>9} {day['reports']:>9}"
+            f" {day['version_checks']:>7} {share:>11}"
+        )
+
+
+def _run_products(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> list[ProductCounts]:
+        return await storage.products(utc_today().isoformat())
+
+    products = _with_storage(args, work)
+    if args.json:
+        print(json.dumps(products_document(products), indent=1))
+        return 0
+    print(f"{'PRODUCT':<24} {'RELEASES':>8} {'REPORTS':>10} {'INSTANCES TODAY':>15}")
+    for p in products:
+        print(f"{p.product:<24} {p.releases:>8} {p.reports:>10} {p.instances_today:>15}")
     return 0

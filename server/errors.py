@@ -6,6 +6,9 @@ place that maps them to HTTP statuses and the JSON error shape.
     TelemetryError
     ├── RequestError ............. the client sent something we will not take (4xx)
     │   ├── ReportError .......... invalid report body; ``details`` lists every problem (400)
+    │   ├── QueryError ........... invalid query parameters of a read route (400)
+    │   ├── UnauthorizedError .... statistics need a bearer token that was not sent (401)
+    │   ├── ForbiddenError ....... wrong token, or statistics are not enabled (403)
     │   ├── NotFoundError ........ no such release or product (404)
     │   ├── SlowRequestError ..... the body did not arrive within the read timeout (408)
     │   ├── UnsupportedMediaTypeError ........................................... (415)
@@ -44,6 +47,18 @@ class RequestError(TelemetryError):
 
 class ReportError(RequestError):
     """The report body is malformed or a field is invalid."""
+
+
+class QueryError(RequestError):
+    """A read route's query parameters are invalid; ``details`` name each one."""
+
+
+class UnauthorizedError(RequestError):
+    """A closed route was asked without credentials (``Authorization: Bearer <token>``)."""
+
+
+class ForbiddenError(RequestError):
+    """The credentials are wrong, or the route is closed and no token is configured."""
 
 
 class NotFoundError(RequestError):

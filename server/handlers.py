@@ -9,7 +9,9 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from .appkeys import CODEC, INTAKE, REPOS, SETTINGS, STORAGE, Intake
+from . import dashboard
+from .access import View, authorize
+from .appkeys import CODEC, INSIGHTS, INTAKE, REPOS, REQUESTS, SETTINGS, STORAGE, Intake
 from .errors import (
     BodyTooLargeError,
     NotFoundError,
@@ -19,13 +21,18 @@ from .errors import (
     UnsupportedMediaTypeError,
 )
 from .http_errors import error_answer
+from .insights import parse_stats_query, products_document, stats_document, utc_today
+from .metrics import CONTENT_TYPE, FleetState
 from .openapi import openapi_json
 from .protocol import parse_report, parse_user_agent, product_slug
 from .releases import Release
+from .storage import AGGREGATED_AT_KEY, RETENTION_RUN_KEY
 
 # GitHub's list pagination: 30 per page unless ``per_page`` says otherwise, at most 100.
 DEFAULT_PER_PAGE = 30
 MAX_PER_PAGE = 100
+VERSION_ROUTE = "/v1/version"
+_VERSION_OK = (VERSION_ROUTE, 200)
 
 
 async def post_version(request: web.Request) -> web.StreamResponse:
@@ -46,9 +53,12 @@ async def post_version(request: web.Request) -> web.StreamResponse:
         answer = intake.catalog.answer(
             report.product, report.version, report.os, report.arch, report.instance_id
         )
+        intake.requests[_VERSION_OK] += 1
         return web.Response(body=answer, content_type="application/json")
     except Exception as exc:  # noqa: BLE001 (error_answer logs the unexpected ones)
-        return error_answer(request, exc)
+        response = error_answer(request, exc)
+        request.app[REQUESTS][(VERSION_ROUTE, response.status)] += 1
+        return response
 
 
 # Handlers that turn their own errors into JSON answers; ``routes`` wraps all the others.
@@ -127,10 +137,67 @@ async def get_readiness(request: web.Request) -> web.Response:
     return _json(request, {"status": "ready", "pending": ingest.pending + ingest.writing})
 
 
+async def get_stats(request: web.Request) -> web.Response:
+    """``GET /v1/stats?product=&days=``: the statistics document (``stats --json``)."""
+    settings = request.app[SETTINGS]
+    view = authorize(request.headers, settings)
+    query = parse_stats_query(request.query)
+    document = await stats_document(
+        request.app[INSIGHTS].reader,
+        request.app[INTAKE].catalog.catalog,
+        query,
+        min_group_size=settings.min_group_size if view is View.PUBLIC else 0,
+    )
+    return _json(request, document)
+
+
+async def get_products(request: web.Request) -> web.Response:
+    """``GET /v1/products``: every product with its release and report counts."""
+    authorize(request.headers, request.app[SETTINGS])
+    products = await request.app[INSIGHTS].reader.products(utc_today().isoformat())
+    return _json(request, products_document(products))
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text for the whole server (every worker)."""
+    settings = request.app[SETTINGS]
+    view = authorize(request.headers, settings)
+    insights, intake = request.app[INSIGHTS], request.app[INTAKE]
+    reader = insights.reader
+    insights.metrics.flush(request.app[REQUESTS], intake.ingest)
+    catalog = intake.catalog
+    fleet = FleetState(
+        version_counts=await reader.day_version_counts(utc_today().isoformat()),
+        catalog_checked_at=catalog.checked_at,
+        catalog_releases=await reader.release_counts(),
+        retention_run_at=await reader.meta(RETENTION_RUN_KEY),
+        aggregated_at=await reader.meta(AGGREGATED_AT_KEY),
+        min_group_size=settings.min_group_size if view is View.PUBLIC else 0,
+    )
+    body = insights.metrics.render(fleet)
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
+
+
 async def get_openapi(request: web.Request) -> web.Response:
     """``GET /openapi.json``: the OpenAPI 3.1 description of every route (open, no auth)."""
     body = openapi_json(request.app[SETTINGS].prefix)
     return web.Response(body=body, content_type="application/json")
+
+
+async def get_dashboard(request: web.Request) -> web.Response:
+    """``GET /dashboard``: the page (it holds no data; its script reads the stats API)."""
+    page = dashboard.page(dashboard.access_mode(request.app[SETTINGS]))
+    return dashboard.answer(request, page, dashboard.PAGE_CACHE)
+
+
+async def get_dashboard_slash(request: web.Request) -> web.Response:
+    """``GET /dashboard/``: to the page's one address (its links are relative to it)."""
+    raise web.HTTPMovedPermanently("../dashboard")
+
+
+async def get_dashboard_asset(request: web.Request) -> web.Response:
+    """``GET /dashboard/assets/{name}``: a script, style sheet or image of the page."""
+    return dashboard.asset_answer(request, request.match_info["name"])
 
 
 def _check_rate(request: web.Request, intake: Intake) -> None:

@@ -31,11 +31,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import (
     BodyTooLargeError,
+    ForbiddenError,
     NotFoundError,
+    QueryError,
     RateLimitedError,
     ReportError,
     RequestError,
     SlowRequestError,
+    UnauthorizedError,
     UnavailableError,
     UnsupportedMediaTypeError,
 )
@@ -46,6 +49,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STATUS_BY_ERROR: Mapping[type[RequestError], int] = {
     ReportError: 400,
+    QueryError: 400,
+    UnauthorizedError: 401,
+    ForbiddenError: 403,
     NotFoundError: 404,
     SlowRequestError: 408,
     BodyTooLargeError: 413,
@@ -160,6 +166,10 @@ def error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     (an ``HTTPException`` below 400, such as a redirect)."""
     if isinstance(exc, RateLimitedError):
         return json_error(429, exc.message, headers={hdrs.RETRY_AFTER: str(exc.retry_after)})
+    if isinstance(exc, UnauthorizedError):
+        return json_error(
+            401, exc.message, exc.details, headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="stats"'}
+        )
     if isinstance(exc, RequestError):
         return json_error(STATUS_BY_ERROR.get(type(exc), 400), exc.message, exc.details)
     if isinstance(exc, UnavailableError):

@@ -89,6 +89,24 @@ class Settings:
     workers: int = _knob(
         1, "server processes sharing the port; each commits to its own database shard"
     )
+    # Never in a repr or a log line: the one secret among the settings.
+    admin_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "bearer token that opens the stats API, dashboard and /metrics"
+            " (Authorization: Bearer <token>)"
+        },
+    )
+    public_stats: bool = _knob(
+        False, "serve statistics and /metrics to anyone, small groups folded into 'other'"
+    )
+    min_group_size: int = _knob(
+        5, "in public statistics, groups with fewer average daily instances show as 'other'"
+    )
+    stats_interval: float = _knob(
+        60.0, "seconds between updates of the statistics aggregates from new reports"
+    )
     tls_cert: str = _knob(
         "", "PEM certificate chain: serve HTTPS directly (needs --tls-key; unset: plain HTTP)"
     )
@@ -110,6 +128,10 @@ class Settings:
             problems.append("retention_days >= 0, purge_interval > 0, extra_max_bytes >= 2")
         if self.rate_limit < 0 or self.rate_burst < 1:
             problems.append("rate_limit must be >= 0 and rate_burst >= 1")
+        if self.min_group_size < 1 or self.stats_interval <= 0:
+            problems.append("min_group_size must be at least 1 and stats_interval positive")
+        if self.admin_token and (len(self.admin_token) < 16 or not self.admin_token.isprintable()):
+            problems.append("admin_token must be at least 16 printable characters")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together: give both or neither")
         if not 1 <= self.workers <= MAX_WORKERS:

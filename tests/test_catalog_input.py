@@ -259,5 +259,8 @@ def test_stats_warns_when_a_product_has_no_reports(
 ) -> None:
     db = make_db(tmp_path / "t.db", seed=False)
     code, out, err = run(capsys, "stats", "--db", db, "--product", "OtherApp")
-    assert code == 0 and out.startswith("otherapp since ")
-    assert err.startswith("warning: no reports or checks of otherapp since ")
+    assert code == 0 and out.startswith("otherapp, ")
+    assert err.splitlines() == [
+        "warning: otherapp has no releases in the catalog (products: none)",
+        "warning: no reports from otherapp have been aggregated (products: none)",
+    ]

@@ -117,11 +117,13 @@ def test_stats_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]
             (today,),
         )
     code, out, _ = run(capsys, "stats", "--db", db, "--json")
+    assert (code, json.loads(out)["reports"]) == (0, 0)  # not aggregated yet
+    code, out, _ = run(capsys, "stats", "--db", db, "--json", "--refresh")
     stats = json.loads(out)
-    assert (code, stats["instances"], stats["reports"]) == (0, 1, 3)
-    assert stats["by_version"] == [{"version": "1.5.1", "instances": 1, "reports": 3}]
+    assert (code, stats["instances"]["latest_day"], stats["reports"]) == (0, 1, 3)
+    assert stats["by_version"] == [{"version": "1.5.1", "instances": 1.0, "reports": 3}]
     code, out, _ = run(capsys, "stats", "--db", db, "--days", "1")
-    assert code == 0 and "1 instances, 3 reports" in out and "linux" in out
+    assert code == 0 and "1 average, 1 peak" in out and "3 reports" in out and "linux" in out
 
 
 def test_serve_flags_come_from_env_and_flags_win() -> None:

@@ -224,6 +224,9 @@ def test_the_server_errors_form_the_documented_tree() -> None:
     tree = {
         errors.RequestError: errors.TelemetryError,
         errors.ReportError: errors.RequestError,
+        errors.QueryError: errors.RequestError,
+        errors.UnauthorizedError: errors.RequestError,
+        errors.ForbiddenError: errors.RequestError,
         errors.NotFoundError: errors.RequestError,
         errors.SlowRequestError: errors.RequestError,
         errors.UnsupportedMediaTypeError: errors.RequestError,
