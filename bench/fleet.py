@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from opa_telemetry_server.protocol import Report
 from opa_telemetry_server.releases import Release, bundled_releases
-from opa_telemetry_server.storage import Storage
+from opa_telemetry_server.storage.sqlite import SqliteStorage
 from opa_telemetry_server.versions import parse_version
 
 T = TypeVar("T")
@@ -63,7 +63,7 @@ def main() -> int:
 
 async def build(db: Path, instances: int, days: int, rng: random.Random) -> None:
     started = time.monotonic()
-    storage = await Storage.open(db, synchronous="off")
+    storage = await SqliteStorage.open(db, synchronous="off")
     try:
         releases = bundled_releases()
         await storage.seed_catalog("opa", releases)

@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -20,8 +17,6 @@ from .advisories import bundled_advisories
 from .appkeys import CODEC, INSIGHTS, INTAKE, REPOS, REQUESTS, SETTINGS, STORAGE, Insights, Intake
 from .catalog import CatalogCache
 from .codec import json_codec
-from .database import open_storage
-from .errors import BackupError
 from .http_errors import logging_options
 from .ingest import Ingest
 from .insights import Aggregator
@@ -31,13 +26,7 @@ from .ratelimit import RateLimiter
 from .releases import bundled_releases
 from .routes import setup_routes
 from .settings import Settings
-from .storage import (
-    RETENTION_RUN_KEY,
-    PurgeResult,
-    backup_pairs,
-    existing_shards,
-    shard_path,
-)
+from .storage import RETENTION_RUN_KEY, PurgeResult, open_storage
 from .sync import run_sync, sync_target
 
 logger = logging.getLogger(__name__)
@@ -76,7 +65,7 @@ def create_app(
     """Build the application for ``settings``; the databases open when the app starts.
 
     ``worker`` numbers the process among ``settings.workers``: worker 0 commits reports to the
-    main database, worker N to its own shard beside it (see ``storage.shard_path``), and
+    main database, worker N to its own shard beside it with SQLite (see ``storage.sqlite``), and
     worker 0 alone keeps the statistics aggregates. ``metrics_dir``: the workers' shared
     prometheus-client multiprocess directory (set by the supervisor), else ``None``.
     """
@@ -92,7 +81,7 @@ def create_app(
 
 async def prepare_database(settings: Settings) -> None:
     """Create or migrate the main database and seed the catalog once (idempotent)."""
-    storage = await open_storage(settings, settings.db)
+    storage = await open_storage(settings, wait=settings.db_connect_wait)
     try:
         if settings.seed_catalog:
             added = await storage.seed_catalog(DEFAULT_PRODUCT, bundled_releases())
@@ -116,11 +105,11 @@ async def _databases(
     if worker == 0:
         await prepare_database(settings)
     async with contextlib.AsyncExitStack() as stack:
-        main = await open_storage(settings, settings.db)
+        main = await open_storage(settings, wait=settings.db_connect_wait)
         stack.push_async_callback(main.close)
         shard = main
         if worker:
-            shard = await open_storage(settings, shard_path(settings.db, worker))
+            shard = await open_storage(settings, worker=worker, wait=settings.db_connect_wait)
             stack.push_async_callback(shard.close)
         cache = CatalogCache(main, settings.catalog_refresh, app[CODEC].dumps)
         await cache.refresh()
@@ -144,15 +133,13 @@ async def _databases(
             read_timeout=settings.read_timeout,
             requests=app[REQUESTS],
         )  # fmt: skip
-        reader = await open_storage(settings, settings.db, migrate=False)
+        reader = await open_storage(settings, migrate=False)
         stack.push_async_callback(reader.close)
         aggregator = None
         if worker == 0:
-            aggregating = await open_storage(settings, settings.db, migrate=False)
+            aggregating = await open_storage(settings, migrate=False)
             stack.push_async_callback(aggregating.close)
-            aggregator = Aggregator(
-                aggregating, settings.db, settings.stats_interval, existing_shards
-            )
+            aggregator = Aggregator(aggregating, settings.stats_interval)
         metrics = ProcessMetrics(metrics_dir)
         app[INSIGHTS] = Insights(reader=reader, metrics=metrics, aggregator=aggregator)
         writer = asyncio.create_task(ingest.run(), name="opa-telemetry-writer")
@@ -164,7 +151,7 @@ async def _databases(
         stack.push_async_callback(_cancel, flusher)
         if worker == 0 and settings.sync_interval:
             syncing = asyncio.create_task(
-                run_sync(partial(open_storage, settings, settings.db), [sync_target(settings)],
+                run_sync(partial(open_storage, settings), [sync_target(settings)],
                          settings.sync_interval),
                 name="opa-telemetry-sync",
             )  # fmt: skip
@@ -197,7 +184,7 @@ async def purge_expired(
     announce: Callable[[PurgeResult, str], None] | None = None,
     dry_run: bool = False,
 ) -> PurgeResult:
-    """Roll up and delete raw rows older than ``settings.retention_days`` (main and shards),
+    """Roll up and delete raw rows older than ``settings.retention_days`` (every shard too),
     on a connection of its own; nothing at all when retention is 0 (keep forever).
 
     ``announce`` is told what is about to go (days and raw rows, and the cutoff day) before
@@ -206,16 +193,15 @@ async def purge_expired(
     before = retention_cutoff(settings, today)
     if before is None:
         return PurgeResult()
-    storage = await open_storage(settings, settings.db, migrate=False)
+    storage = await open_storage(settings, migrate=False)
     try:
-        shards = existing_shards(settings.db)
         if announce is not None or dry_run:
-            expired = await storage.count_expired(before, shards)
+            expired = await storage.count_expired(before)
             if announce is not None:
                 announce(expired, before)
             if dry_run or not expired.days:
                 return PurgeResult()
-        result = await storage.roll_up_and_purge(before, shards)
+        result = await storage.roll_up_and_purge(before)
         await storage.set_meta(RETENTION_RUN_KEY, int(datetime.now(UTC).timestamp()))
         return result
     finally:
@@ -225,9 +211,9 @@ async def purge_expired(
 async def aggregate_now(settings: Settings, *, migrate: bool = True) -> None:
     """Bring the statistics aggregates up to date (main database and shards), on a
     connection of its own."""
-    storage = await open_storage(settings, settings.db, migrate=migrate)
+    storage = await open_storage(settings, migrate=migrate)
     try:
-        await storage.aggregate(existing_shards(settings.db))
+        await storage.aggregate()
     finally:
         await storage.close()
 
@@ -247,88 +233,6 @@ async def _flush_metrics(metrics: ProcessMetrics, requests: RequestTally, ingest
             metrics.flush(requests, ingest)
         except Exception:
             logger.warning("metrics flush failed", exc_info=True)
-
-
-@dataclass(frozen=True, slots=True)
-class BackupFile:
-    source: Path
-    copy: Path
-    size: int  # bytes
-
-
-async def backup_database(
-    settings: Settings, dest: Path, *, force: bool = False
-) -> list[BackupFile]:
-    """Copy ``settings.db`` and every worker shard beside it to ``dest`` (a file, or a folder
-    to hold one of the database's name) and its shard names (see ``storage.backup_pairs``):
-    each file a consistent snapshot, taken while the server may be running, so that the copy
-    is a database ``stats`` or ``serve`` can open as it is.
-
-    Nothing is created or migrated at the source. Each copy is written under a temporary name,
-    flushed, then renamed into place: a failed backup never leaves a half-written file under a
-    copy's name. Raises :class:`BackupError` when ``dest`` is the database itself, its folder
-    is missing, or (without ``force``) a file the backup would write, or a stale shard copy
-    that a restore would pick up, already exists; :class:`SchemaError` when ``settings.db`` is
-    not a database of this version.
-    """
-    pairs, stale = _plan_backup(Path(settings.db), dest, force=force)
-    written = []
-    for source, copy in pairs:
-        temporary = copy.with_name(f".{copy.name}.partial")
-        temporary.unlink(missing_ok=True)  # left by a backup that was killed
-        storage = await open_storage(settings, source, migrate=False)
-        try:
-            size = await storage.backup(temporary)
-        finally:
-            await storage.close()
-        for sidecar in _sidecars(copy):  # an old -wal would be replayed over the new copy
-            sidecar.unlink(missing_ok=True)
-        os.replace(temporary, copy)
-        written.append(BackupFile(source, copy, size))
-    for shard in stale:
-        for path in (shard, *_sidecars(shard)):
-            path.unlink(missing_ok=True)
-    _sync_directory(pairs[0][1].parent)
-    return written
-
-
-def _plan_backup(
-    db: Path, dest: Path, *, force: bool
-) -> tuple[list[tuple[Path, Path]], list[Path]]:
-    """The (file, copy) pairs of a backup of ``db`` to ``dest``, and the stale shard copies to
-    remove; raises :class:`BackupError` (see :func:`backup_database`). A few stat calls: not
-    worth a thread."""
-    if dest.is_dir():  # a folder: the copy takes the database's own name in it
-        dest = dest / db.name
-    pairs = backup_pairs(db, dest)
-    copies = {copy for _, copy in pairs}
-    if {copy.resolve() for copy in copies} & {source.resolve() for source, _ in pairs}:
-        raise BackupError(f"{dest} is the database itself; choose another destination")
-    if not dest.parent.is_dir():
-        raise BackupError(f"{dest}: the directory {dest.parent} does not exist")
-    stale = [shard for shard in existing_shards(dest) if shard not in copies]
-    in_the_way = [
-        path for copy in [*copies, *stale] for path in (copy, *_sidecars(copy)) if path.exists()
-    ]
-    if in_the_way and not force:
-        names = ", ".join(str(path) for path in sorted(in_the_way))
-        raise BackupError(f"{names} already exist{'s' if len(in_the_way) == 1 else ''};"
-                          " choose another destination or give --force to overwrite")  # fmt: skip
-    return pairs, stale
-
-
-def _sidecars(db: Path) -> tuple[Path, Path]:
-    """SQLite's files beside a database in WAL mode."""
-    return db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
-
-
-def _sync_directory(folder: Path) -> None:
-    """Flush a folder's entries (the renames) to disk."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 async def _retention(settings: Settings) -> None:

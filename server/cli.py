@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from . import __version__
 from .advisories import advisories_from_json
 from .catalog import Catalog, load_catalog
-from .database import open_storage
 from .errors import CatalogError, QueryError, SyncError, TelemetryError, UsageError
 from .insights import (
     DEFAULT_DAYS,
@@ -44,7 +43,7 @@ from .insights import (
 from .protocol import DEFAULT_PRODUCT, product_slug
 from .releases import check_url, release_from_mapping, releases_from_json
 from .settings import Settings, env_name
-from .storage import ProductCounts, PurgeResult, Storage
+from .storage import ProductCounts, PurgeResult, Storage, open_storage
 from .tls import server_tls_context
 
 if TYPE_CHECKING:
@@ -671,7 +670,7 @@ def _with_storage(args: argparse.Namespace, work: Callable[[Storage], Coroutine[
     settings = settings_from_args(args)
 
     async def run() -> T:
-        storage = await open_storage(settings, settings.db, migrate=False)
+        storage = await open_storage(settings, migrate=False)
         try:
             return await work(storage)
         finally:
@@ -989,7 +988,7 @@ def _run_purge(args: argparse.Namespace) -> int:
 
 def _run_backup(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    from .app import backup_database
+    from .storage import backup_database
 
     written = asyncio.run(backup_database(settings, args.dest, force=args.force))
     for file in written:

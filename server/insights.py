@@ -18,7 +18,6 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog
@@ -368,21 +367,18 @@ def _iso(seconds: int | None) -> str | None:
 
 class Aggregator:
     """Keeps the statistics aggregates up to date: one run now, then one every ``interval``
-    seconds, on a connection of its own (main database plus every worker shard)."""
+    seconds, on a connection of its own (every worker shard included, with SQLite)."""
 
-    def __init__(self, storage: Storage, db: str | Path, interval: float,
-                 shards: Callable[[str | Path], list[Path]]) -> None:  # fmt: skip
+    def __init__(self, storage: Storage, interval: float) -> None:
         self._storage = storage
-        self._db = db
         self._interval = interval
-        self._shards = shards
         self._lock = asyncio.Lock()  # one run at a time on the one connection
         self.runs = 0
 
     async def run_once(self) -> AggregateResult:
         """Bring the aggregates up to date now (waits for a run in progress)."""
         async with self._lock:
-            result = await self._storage.aggregate(self._shards(self._db))
+            result = await self._storage.aggregate()
             self.runs += 1
         return result
 

@@ -28,7 +28,16 @@ def _knob(default: Any, help: str, *, secret: bool = False, **extra: Any) -> Any
 class Settings:
     host: str = _knob("127.0.0.1", "address to listen on")
     port: int = _knob(DEFAULT_PORT, "TCP port to listen on (0 picks a free one)")
-    db: str = _knob(DEFAULT_DB, "path of the SQLite database file (created if missing)")
+    db: str = _knob(
+        DEFAULT_DB,
+        "SQLite database file (created if missing), or a PostgreSQL URL"
+        " postgresql://user:password@host:5432/dbname",
+    )
+    db_connect_wait: float = _knob(
+        60.0,
+        "seconds serve keeps retrying a PostgreSQL database it cannot reach at start"
+        " (0: give up at once)",
+    )
     prefix: str = _knob("", "mount path prefix, e.g. /custom serves /custom/v1/version")
     log_level: str = _knob("info", "log level: debug, info, warning, error")
     access_log: bool = _knob(True, "log one line per request (never the client address)")
@@ -145,6 +154,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.db_connect_wait < 0:
+            problems.append("db_connect_wait must be >= 0")
         for name in ("catalog_refresh", "shutdown_timeout", "busy_timeout", "read_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")

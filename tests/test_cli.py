@@ -20,14 +20,14 @@ import pytest
 from opa_telemetry.cli import main as client_main
 from opa_telemetry_server.cli import build_parser, main, settings_from_args
 from opa_telemetry_server.releases import bundled_releases
-from opa_telemetry_server.storage import Storage
+from opa_telemetry_server.storage.sqlite import SqliteStorage
 
 from .conftest import RECORDED_REQUEST, REPO, ready_url, serve_argv, serving
 
 
 def make_db(path: Path, seed: bool = True) -> str:
     async def create() -> None:
-        storage = await Storage.open(path)
+        storage = await SqliteStorage.open(path)
         if seed:
             await storage.seed_catalog("opa", bundled_releases())
         await storage.close()

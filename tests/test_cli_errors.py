@@ -17,7 +17,7 @@ import pytest
 from opa_telemetry_server import errors
 from opa_telemetry_server.app import purge_expired
 from opa_telemetry_server.releases import bundled_releases
-from opa_telemetry_server.storage import Storage
+from opa_telemetry_server.storage.sqlite import SqliteStorage
 
 from .conftest import INSTANCE_ID, make_settings
 
@@ -26,7 +26,7 @@ SERVER = [sys.executable, "-m", "opa_telemetry_server"]
 
 def make_db(path: Path) -> Path:
     async def create() -> None:
-        storage = await Storage.open(path)
+        storage = await SqliteStorage.open(path)
         await storage.seed_catalog("opa", bundled_releases())
         await storage.close()
 

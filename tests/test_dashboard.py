@@ -35,7 +35,7 @@ from opa_telemetry_server.catalog import Catalog
 from opa_telemetry_server.dashboard import CONTENT_SECURITY_POLICY, assets
 from opa_telemetry_server.protocol import Report, parse_report, parse_user_agent
 from opa_telemetry_server.releases import bundled_releases
-from opa_telemetry_server.storage import Storage
+from opa_telemetry_server.storage.sqlite import SqliteStorage
 
 from .conftest import REPO, AiohttpClient, make_settings, serve_argv, serving
 
@@ -305,7 +305,7 @@ def seed_fleet(db: Path) -> Fleet:
         fleet.daily_versions[key] = versions
 
     async def write() -> None:
-        storage = await Storage.open(db)
+        storage = await SqliteStorage.open(db)
         try:
             for at, reports, checks in batches:
                 await storage.write_batch(reports, ["opa"] * checks, at)

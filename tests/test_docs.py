@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 from opa_telemetry_server.settings import env_name, knobs
-from opa_telemetry_server.storage import Storage
+from opa_telemetry_server.storage.sqlite import SqliteStorage
 
 from .conftest import REPO
 
@@ -32,7 +32,7 @@ def stored_section() -> str:
 
 def test_readme_what_is_stored_names_every_column(tmp_path: Path) -> None:
     async def create() -> None:
-        await (await Storage.open(tmp_path / "t.db")).close()
+        await (await SqliteStorage.open(tmp_path / "t.db")).close()
 
     asyncio.run(create())
     section = stored_section()

@@ -33,7 +33,8 @@ from opa_telemetry_server.insights import (
 )
 from opa_telemetry_server.metrics import top_versions
 from opa_telemetry_server.releases import release_from_mapping
-from opa_telemetry_server.storage import RETENTION_RUN_KEY, Storage, Window, shard_path
+from opa_telemetry_server.storage import RETENTION_RUN_KEY, Window
+from opa_telemetry_server.storage.sqlite import SqliteStorage, shard_path
 
 from .conftest import AiohttpClient, make_settings, serve_argv, serving
 
@@ -530,7 +531,7 @@ async def test_retention_runs_are_recorded_for_the_metrics(tmp_path: Path) -> No
     await prepare_database(settings)
     before = time.time()
     await purge_expired(settings)
-    storage = await Storage.open(settings.db, migrate=False)
+    storage = await SqliteStorage.open(settings.db, migrate=False)
     try:
         recorded = await storage.meta(RETENTION_RUN_KEY)
     finally:

@@ -13,9 +13,9 @@ import pytest
 
 from opa_telemetry_server.app import create_app, purge_expired
 from opa_telemetry_server.cli import main
-from opa_telemetry_server.migrations import MIGRATIONS, SCHEMA_V1
 from opa_telemetry_server.protocol import ClientInfo, parse_report
-from opa_telemetry_server.storage import Storage, existing_shards, shard_path
+from opa_telemetry_server.storage.sqlite import SqliteStorage, shard_path
+from opa_telemetry_server.storage.sqlite_migrations import MIGRATIONS, SCHEMA_V1
 
 from .conftest import INSTANCE_ID, OPA_UA, AiohttpClient, make_settings, report_body
 
@@ -58,7 +58,7 @@ async def test_a_version_1_database_with_data_migrates_to_the_latest(tmp_path: P
             "INSERT INTO reports (product, day, instance_id, first_seen_at, last_seen_at,"
             " report_count, version) VALUES ('opa', '2026-01-01', 'i', 1, 2, 3, '1.5.1')"
         )
-    storage = await Storage.open(path)
+    storage = await SqliteStorage.open(path)
     try:
         assert await storage.schema_version() == len(MIGRATIONS)
     finally:
@@ -87,7 +87,7 @@ def add_raw(
 
 
 async def make_db(path: Path) -> None:
-    await (await Storage.open(path)).close()
+    await (await SqliteStorage.open(path)).close()
 
 
 async def test_purge_rolls_up_old_days_across_shards_then_deletes_them(tmp_path: Path) -> None:
@@ -101,11 +101,11 @@ async def test_purge_rolls_up_old_days_across_shards_then_deletes_them(tmp_path:
     add_raw(shard, "2026-01-01", "i0", "1.6.0", 5, 999, last_seen=200)
     add_raw(db, "2026-01-02", "i9", "1.5.1", 1, None)
     add_raw(db, "2026-03-01", "i9", "1.5.1", 1, None)  # inside the retention window: kept
-    storage = await Storage.open(db)
+    storage = await SqliteStorage.open(db)
     try:
-        result = await storage.roll_up_and_purge("2026-02-01", existing_shards(db))
-        again = await storage.roll_up_and_purge("2026-02-01", existing_shards(db))
-        await storage.aggregate(existing_shards(db))
+        result = await storage.roll_up_and_purge("2026-02-01")
+        again = await storage.roll_up_and_purge("2026-02-01")
+        await storage.aggregate()
         window = await storage.window("opa", "2026-01-01", "2026-03-01")
     finally:
         await storage.close()

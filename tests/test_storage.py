@@ -1,4 +1,4 @@
-"""Storage on real SQLite files: migrations, per-day upserts, the catalog, statistics."""
+"""SqliteStorage on real SQLite files: migrations, per-day upserts, the catalog, statistics."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 
 from opa_telemetry_server.catalog import load_catalog
 from opa_telemetry_server.errors import CatalogError, SchemaError
-from opa_telemetry_server.migrations import MIGRATIONS
 from opa_telemetry_server.protocol import Report
 from opa_telemetry_server.releases import bundled_releases, release_from_mapping
-from opa_telemetry_server.storage import Storage, _migrate
+from opa_telemetry_server.storage.sqlite import SqliteStorage, _migrate
+from opa_telemetry_server.storage.sqlite_migrations import MIGRATIONS
 from opa_telemetry_server.versions import parse_version
 
 from .conftest import INSTANCE_ID
@@ -40,21 +40,21 @@ def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
 
 
 @pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = await Storage.open(tmp_path / "t.db")
+async def storage(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
+    opened = await SqliteStorage.open(tmp_path / "t.db")
     yield opened
     await opened.close()
 
 
 async def test_open_creates_schema_in_wal_mode(tmp_path: Path) -> None:
-    storage = await Storage.open(tmp_path / "t.db")
+    storage = await SqliteStorage.open(tmp_path / "t.db")
     assert await storage.schema_version() == len(MIGRATIONS)
     await storage.close()
     await storage.close()  # idempotent
     assert rows(tmp_path / "t.db", "PRAGMA journal_mode") == [("wal",)]
 
 
-async def test_reports_upsert_per_product_day_and_instance(storage: Storage) -> None:
+async def test_reports_upsert_per_product_day_and_instance(storage: SqliteStorage) -> None:
     await storage.write_batch([report(heap=1), report(heap=2)], [], DAY1)
     await storage.write_batch([report(version="1.6.0", heap=3)], [], DAY1 + 60)
     await storage.write_batch([report(heap=4)], [], DAY2)
@@ -71,14 +71,14 @@ async def test_reports_upsert_per_product_day_and_instance(storage: Storage) -> 
     ]
 
 
-async def test_checks_are_counted_per_product_and_day(storage: Storage) -> None:
+async def test_checks_are_counted_per_product_and_day(storage: SqliteStorage) -> None:
     await storage.write_batch([], ["opa", "opa", "app"], DAY1)
     await storage.write_batch([], ["opa"], DAY1)
     got = rows(Path(storage.path), "SELECT * FROM version_checks ORDER BY product")
     assert got == [("app", "2026-09-21", 1), ("opa", "2026-09-21", 3)]
 
 
-async def test_hostile_strings_are_stored_verbatim_not_executed(storage: Storage) -> None:
+async def test_hostile_strings_are_stored_verbatim_not_executed(storage: SqliteStorage) -> None:
     hostile = "x'); DROP TABLE reports; --"
     await storage.write_batch(
         [Report(hostile, INSTANCE_ID, parse_version("1.0.0"), hostile, hostile, None, hostile)],
@@ -90,7 +90,7 @@ async def test_hostile_strings_are_stored_verbatim_not_executed(storage: Storage
     assert rows(Path(storage.path), "SELECT product FROM version_checks") == [(hostile,)]
 
 
-async def test_seed_catalog_runs_once_even_after_removals(storage: Storage) -> None:
+async def test_seed_catalog_runs_once_even_after_removals(storage: SqliteStorage) -> None:
     assert await storage.seed_catalog("opa", bundled_releases()) == 139
     assert await storage.remove_release("opa", "v1.20.2")
     assert await storage.seed_catalog("opa", bundled_releases()) == 0
@@ -98,7 +98,7 @@ async def test_seed_catalog_runs_once_even_after_removals(storage: Storage) -> N
     assert catalog.latest("opa").tag == "v1.20.1"  # type: ignore[union-attr]
 
 
-async def test_catalog_generation_changes_on_every_catalog_edit(storage: Storage) -> None:
+async def test_catalog_generation_changes_on_every_catalog_edit(storage: SqliteStorage) -> None:
     first = await storage.catalog_generation()
     await storage.add_release("opa", release_from_mapping({"tag": "v9.0.0"}))
     second = await storage.catalog_generation()
@@ -108,7 +108,7 @@ async def test_catalog_generation_changes_on_every_catalog_edit(storage: Storage
     assert first < second < await storage.catalog_generation()
 
 
-async def test_add_release_refuses_duplicates_unless_replacing(storage: Storage) -> None:
+async def test_add_release_refuses_duplicates_unless_replacing(storage: SqliteStorage) -> None:
     await storage.add_release("opa", release_from_mapping({"tag": "v9.0.0"}))
     with pytest.raises(CatalogError):
         await storage.add_release("opa", release_from_mapping({"tag": "v9.0.0"}))
@@ -119,7 +119,7 @@ async def test_add_release_refuses_duplicates_unless_replacing(storage: Storage)
     assert [a.to_json() for a in latest.assets] == ["opa_linux_amd64"]
 
 
-async def test_import_counts_added_and_updated(storage: Storage) -> None:
+async def test_import_counts_added_and_updated(storage: SqliteStorage) -> None:
     first = [release_from_mapping({"tag": "v1.0.0"}), release_from_mapping({"tag": "v1.1.0"})]
     assert await storage.import_releases("opa", first) == (2, 0)
     again = [
@@ -130,7 +130,9 @@ async def test_import_counts_added_and_updated(storage: Storage) -> None:
     assert await storage.import_releases("opa", again) == (1, 1)
 
 
-async def test_aggregates_count_instances_per_day_version_and_platform(storage: Storage) -> None:
+async def test_aggregates_count_instances_per_day_version_and_platform(
+    storage: SqliteStorage,
+) -> None:
     ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
     await storage.write_batch(
         [
@@ -163,7 +165,7 @@ async def test_aggregates_count_instances_per_day_version_and_platform(storage: 
     ]
 
 
-async def test_aggregation_rereads_only_days_since_its_watermark(storage: Storage) -> None:
+async def test_aggregation_rereads_only_days_since_its_watermark(storage: SqliteStorage) -> None:
     await storage.write_batch([report(heap=1000)], [], DAY1)
     await storage.aggregate(now=DAY2 + 3600)  # the watermark moves past DAY1
     with sqlite3.connect(storage.path) as conn:  # a change to an old day is not re-read
@@ -176,7 +178,7 @@ async def test_aggregation_rereads_only_days_since_its_watermark(storage: Storag
     assert window.days == [("2026-09-21", 1, 1, 0), ("2026-09-22", 1, 1, 0)]
 
 
-async def test_heap_histogram_buckets_are_an_eighth_of_a_doubling(storage: Storage) -> None:
+async def test_heap_histogram_buckets_are_an_eighth_of_a_doubling(storage: SqliteStorage) -> None:
     ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
     heaps = [0, 1024, 1100, 2048]  # 1024 and 1100 share a bucket (1100 < 1024 * 2^(1/8))
     reports = [report(i, heap=h) for i, h in zip(ids, heaps, strict=True)]
@@ -214,16 +216,16 @@ async def test_open_refuses_a_database_from_a_newer_version(tmp_path: Path) -> N
     with sqlite3.connect(tmp_path / "new.db") as conn:
         conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(SchemaError, match="newer"):
-        await Storage.open(tmp_path / "new.db")
+        await SqliteStorage.open(tmp_path / "new.db")
 
 
 async def test_open_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
     (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(SchemaError, match="cannot use"):
-        await Storage.open(tmp_path / "junk.db")
+        await SqliteStorage.open(tmp_path / "junk.db")
 
 
-async def test_a_window_of_heaps_is_the_running_totals_difference(storage: Storage) -> None:
+async def test_a_window_of_heaps_is_the_running_totals_difference(storage: SqliteStorage) -> None:
     day3 = DAY2 + 86_400
     await storage.write_batch([report(heap=1024)], [], DAY1)
     await storage.write_batch([report(heap=2048)], [], DAY2)
@@ -260,7 +262,7 @@ def test_a_cancelled_open_never_calls_back_into_a_closed_loop(
     before = set(threading.enumerate())
 
     async def open_then_stop() -> None:
-        opening = asyncio.create_task(Storage.open(tmp_path / "t.db"))
+        opening = asyncio.create_task(SqliteStorage.open(tmp_path / "t.db"))
         await asyncio.sleep(0)  # it now waits for the connection in aiosqlite's thread
         opening.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -18,10 +18,11 @@ import pytest
 from opa_telemetry_server.advisories import bundled_advisories
 from opa_telemetry_server.catalog import load_catalog
 from opa_telemetry_server.errors import CatalogError, SchemaError
-from opa_telemetry_server.postgres import PostgresStorage, redact_dsn
 from opa_telemetry_server.protocol import Report
 from opa_telemetry_server.releases import Release, release_from_mapping
-from opa_telemetry_server.storage import Storage, SyncState
+from opa_telemetry_server.storage import SyncState
+from opa_telemetry_server.storage.postgres import PostgresStorage, redact_dsn
+from opa_telemetry_server.storage.sqlite import SqliteStorage
 from opa_telemetry_server.versions import parse_version
 
 from .pgcluster import PASSWORD
@@ -54,7 +55,7 @@ TARGETS: dict[int, str] = {}
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
     if request.param == "sqlite":
         target = str(tmp_path / "t.db")
-        storage: Any = await Storage.open(target)
+        storage: Any = await SqliteStorage.open(target)
     else:
         target = request.getfixturevalue("postgres_dsn")
         storage = await PostgresStorage.open(target)
@@ -66,7 +67,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 async def reopen(storage: Any, **kw: Any) -> Any:
     if isinstance(storage, PostgresStorage):
         return await PostgresStorage.open(TARGETS[id(storage)], **kw)
-    return await Storage.open(TARGETS[id(storage)], **kw)
+    return await SqliteStorage.open(TARGETS[id(storage)], **kw)
 
 
 async def test_reports_are_upserted_per_product_day_and_instance(backend: Any) -> None:
@@ -185,7 +186,7 @@ async def test_only_a_migrating_open_creates_the_schema(backend: Any, tmp_path: 
             await PostgresStorage.open(empty, migrate=False)
     else:
         with pytest.raises(SchemaError, match="no such database"):
-            await Storage.open(tmp_path / "absent.db", migrate=False)
+            await SqliteStorage.open(tmp_path / "absent.db", migrate=False)
 
 
 async def test_ping_answers_while_the_database_is_there(backend: Any) -> None:

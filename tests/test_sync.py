@@ -22,7 +22,7 @@ from opa_telemetry_server.appkeys import INTAKE
 from opa_telemetry_server.catalog import load_catalog
 from opa_telemetry_server.cli import main as cli_main
 from opa_telemetry_server.errors import SyncError
-from opa_telemetry_server.storage import Storage
+from opa_telemetry_server.storage.sqlite import SqliteStorage
 from opa_telemetry_server.sync import SyncTarget, _sync_once, sync_product, sync_target
 
 from .conftest import AiohttpClient, make_settings
@@ -106,8 +106,8 @@ async def github() -> AsyncIterator[tuple[FakeGitHub, str]]:
 
 
 @pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    opened = await Storage.open(tmp_path / "t.db")
+async def storage(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
+    opened = await SqliteStorage.open(tmp_path / "t.db")
     try:
         yield opened
     finally:
@@ -118,12 +118,12 @@ def target(api: str, **options: Any) -> SyncTarget:
     return SyncTarget("opa", "open-policy-agent/opa", api, **options)
 
 
-async def tags(storage: Storage) -> list[str]:
+async def tags(storage: SqliteStorage) -> list[str]:
     return [r.tag for r in (await load_catalog(storage)).releases("opa")]
 
 
 async def test_sync_reads_every_page_skips_drafts_and_then_costs_a_304(
-    github: tuple[FakeGitHub, str], storage: Storage
+    github: tuple[FakeGitHub, str], storage: SqliteStorage
 ) -> None:
     fake, api = github
     fake.releases = [github_release(f"v1.{n}.0") for n in range(250, 0, -1)]
@@ -156,7 +156,7 @@ async def test_sync_reads_every_page_skips_drafts_and_then_costs_a_304(
 
 
 async def test_releases_missing_upstream_are_removed_only_with_prune(
-    github: tuple[FakeGitHub, str], storage: Storage
+    github: tuple[FakeGitHub, str], storage: SqliteStorage
 ) -> None:
     fake, api = github
     fake.releases = [github_release("v1.1.0"), github_release("v1.0.0")]
@@ -182,7 +182,7 @@ async def test_releases_missing_upstream_are_removed_only_with_prune(
 )
 async def test_a_failed_sync_is_recorded_and_changes_nothing(
     github: tuple[FakeGitHub, str],
-    storage: Storage,
+    storage: SqliteStorage,
     mode: str,
     message: str,
     retry: bool,
@@ -257,7 +257,7 @@ async def test_a_chain_of_two_servers_syncs_through_the_github_shaped_list(
         tmp_path / "inner", seed_catalog=False, sync_api_url=str(outer.make_url("")).rstrip("/")
     )
     await prepare_database(inner_settings)
-    inner = await Storage.open(inner_settings.db)
+    inner = await SqliteStorage.open(inner_settings.db)
     try:
         first = await sync_product(inner, sync_target(inner_settings))
         assert (first.added, first.pages) == (139, 2)
@@ -294,7 +294,7 @@ async def test_the_server_syncs_on_its_interval(
 
 
 async def test_an_invalid_upstream_entry_is_skipped_not_fatal(
-    github: tuple[FakeGitHub, str], storage: Storage
+    github: tuple[FakeGitHub, str], storage: SqliteStorage
 ) -> None:
     fake, api = github
     fake.releases = [github_release("v1.1.0"), github_release("v1.0.0")]
@@ -334,8 +334,8 @@ async def test_the_server_loop_waits_as_long_as_upstream_asked(
     settings = make_settings(tmp_path)
     await prepare_database(settings)
 
-    async def open_storage() -> Storage:
-        return await Storage.open(settings.db, migrate=False)
+    async def open_storage() -> SqliteStorage:
+        return await SqliteStorage.open(settings.db, migrate=False)
 
     caplog.set_level(logging.DEBUG)
     async with aiohttp.ClientSession() as client:

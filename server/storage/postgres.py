@@ -30,11 +30,13 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from .advisories import Advisory
-from .errors import CatalogError, SchemaError, StorageUnavailableError
-from .protocol import Report
-from .releases import Release
-from .storage import (
+from opa_telemetry_server.advisories import Advisory
+from opa_telemetry_server.errors import CatalogError, SchemaError, StorageUnavailableError
+from opa_telemetry_server.protocol import Report
+from opa_telemetry_server.releases import Release
+from opa_telemetry_server.versions import parse_version
+
+from .records import (
     SELECT_PRODUCT_POLICIES_SQL,
     SELECT_RELEASE_POLICIES_SQL,
     CatalogParts,
@@ -47,7 +49,6 @@ from .storage import (
     catalog_parts,
     utc_day,
 )
-from .versions import parse_version
 
 logger = logging.getLogger(__name__)
 

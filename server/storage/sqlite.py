@@ -20,7 +20,6 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from types import EllipsisType
 from typing import Any
@@ -28,14 +27,37 @@ from urllib.parse import quote
 
 import aiosqlite
 
-from .advisories import Advisory, advisory_from_osv
-from .codec import json_codec
-from .errors import BackupError, CatalogError, SchemaError, StorageUnavailableError
-from .migrations import MIGRATIONS
-from .policy import Policy
-from .protocol import Report
-from .releases import Release, release_from_mapping
-from .versions import VersionError, parse_version
+from opa_telemetry_server.advisories import Advisory
+from opa_telemetry_server.codec import json_codec
+from opa_telemetry_server.errors import (
+    BackupError,
+    CatalogError,
+    SchemaError,
+    StorageUnavailableError,
+)
+from opa_telemetry_server.protocol import Report
+from opa_telemetry_server.releases import Release
+from opa_telemetry_server.settings import Settings
+
+from .records import (
+    AGGREGATED_AT_KEY,
+    SELECT_PRODUCT_POLICIES_SQL,
+    SELECT_RELEASE_POLICIES_SQL,
+    SELECT_RELEASES_SQL,
+    STATS_DAY_TABLES,
+    WATERMARK_KEY,
+    AggregateResult,
+    BackupFile,
+    CatalogParts,
+    ProductCounts,
+    PurgeResult,
+    SyncState,
+    Window,
+    catalog_parts,
+    day_detail,
+    utc_day,
+)
+from .sqlite_migrations import MIGRATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +103,6 @@ UPDATE releases SET release_notes = ?, assets = ?, published_on = ?, prerelease 
 WHERE product = ? AND tag = ?
     AND (release_notes, assets, coalesce(published_on, ''), prerelease)
         IS NOT (?, ?, coalesce(?, ''), ?)
-"""
-
-SELECT_RELEASES_SQL = """
-SELECT id, product, tag, release_notes, assets, published_on, prerelease FROM releases
-"""
-SELECT_PRODUCT_POLICIES_SQL = """
-SELECT product, pinned_tag, min_version, support_notice FROM product_policies
-"""
-SELECT_RELEASE_POLICIES_SQL = """
-SELECT product, tag, yanked, yank_reason, rollout_percent FROM release_policies
 """
 
 # One day's instances across every shard: each instance once, with the version, platform and
@@ -189,13 +201,6 @@ ON CONFLICT (product, day) DO UPDATE SET version_checks = excluded.version_check
 # A product-day's new aggregates are staged in temp tables (no lock on the database), then
 # applied by one script: the write lock is held for those statements only, never across a
 # round trip to the event loop, so the ingest writer never waits on this task's Python.
-STATS_DAY_TABLES = (
-    "stats_days",
-    "stats_versions",
-    "stats_platforms",
-    "stats_min_compatible",
-    "stats_heaps",
-)
 STAGE_TABLE_SQL = (
     "CREATE TEMP TABLE IF NOT EXISTS staged_{table} AS SELECT * FROM main.{table} LIMIT 0"
 )
@@ -286,9 +291,6 @@ SELECT product, sum(reports), sum(iif(day = ?, instances, 0)) FROM stats_days GR
 """
 RELEASE_COUNTS_SQL = "SELECT product, count(*) FROM releases GROUP BY product"
 DAY_VERSION_COUNTS_SQL = "SELECT product, version, instances FROM stats_versions WHERE day = ?"
-WATERMARK_KEY = "stats_watermark"
-AGGREGATED_AT_KEY = "stats_aggregated_at"
-RETENTION_RUN_KEY = "retention_run_at"
 
 
 def shard_path(db: str | Path, worker: int) -> Path:
@@ -305,29 +307,6 @@ def existing_shards(db: str | Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(f"{path.stem}.worker*") if pattern.match(p.name))
 
 
-@dataclass(frozen=True, slots=True)
-class CatalogParts:
-    """Everything the in-memory catalog is built from (see ``catalog.load_catalog``)."""
-
-    releases: list[tuple[str, Release]]
-    policies: dict[str, Policy]
-    advisories: list[tuple[str, Advisory]]
-
-
-@dataclass(frozen=True, slots=True)
-class SyncState:
-    """What the last sync of one product saw (Unix seconds; ``None`` for never)."""
-
-    product: str
-    source: str
-    etag: str | None = None
-    last_attempt_at: int | None = None
-    last_success_at: int | None = None
-    last_error: str | None = None
-    last_error_at: int | None = None
-    retry_after_at: int | None = None
-
-
 def backup_pairs(db: str | Path, dest: str | Path) -> list[tuple[Path, Path]]:
     """(file, copy) for a backup of ``db`` to ``dest``: the main file to ``dest``, each existing
     worker shard to ``dest``'s shard of the same number, so the copy is a database like ``db``."""
@@ -339,48 +318,7 @@ def backup_pairs(db: str | Path, dest: str | Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-@dataclass
-class PurgeResult:
-    days: int = 0
-    rows_deleted: int = 0
-
-
-def utc_day(at: float) -> str:
-    """The UTC calendar day of a Unix time, as ``YYYY-MM-DD``."""
-    return time.strftime("%Y-%m-%d", time.gmtime(at))
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """One product's aggregates for the UTC days ``since``..``until`` (inclusive), as stored:
-    what ``insights`` turns into the statistics document. Counts of instances summed over
-    days are instance-days."""
-
-    days: list[tuple[str, int, int, int]]  # (day, instances, reports, version_checks)
-    versions: list[tuple[str, str, int, int]]  # (day, version, instances, reports)
-    platforms: list[tuple[str, str, int]]  # (os, arch, instance-days); "" = not sent
-    min_compatible: list[tuple[str, int]]  # (min_compatible_version, instance-days)
-    heaps: list[tuple[str, int, int]]  # (version, bucket, instance-days)
-    aggregated_at: int | None  # Unix seconds of the last aggregation; None if never
-
-
-@dataclass(frozen=True, slots=True)
-class ProductCounts:
-    """A product known to the catalog or seen in reports."""
-
-    product: str
-    releases: int
-    reports: int
-    instances_today: int
-
-
-@dataclass
-class AggregateResult:
-    days: int = 0  # product-days whose aggregates were rewritten
-    instances: int = 0  # distinct instances counted over those days
-
-
-class Storage:
+class SqliteStorage:
     """A migrated SQLite database in WAL mode. Create with :meth:`open`; close is idempotent."""
 
     def __init__(self, conn: aiosqlite.Connection, path: str) -> None:
@@ -397,7 +335,7 @@ class Storage:
         busy_timeout_ms: int = 5000,
         wal_checkpoint_pages: int = 1000,
         migrate: bool = True,
-    ) -> Storage:
+    ) -> SqliteStorage:
         """Open the database at ``path``: with ``migrate``, create it if missing and apply the
         schema steps it lacks (only the server does this); without, open an existing database
         of exactly this version's schema and change nothing.
@@ -792,11 +730,9 @@ class Storage:
 
     # -- statistics: aggregates kept by a background task, read by the stats API ------------
 
-    async def aggregate(
-        self, shards: Sequence[Path] = (), *, now: float | None = None, lag: float = 600.0
-    ) -> AggregateResult:
+    async def aggregate(self, *, now: float | None = None, lag: float = 600.0) -> AggregateResult:
         """Rewrite the aggregates of every (product, UTC day) that may have changed since the
-        last run, from the raw rows of this database and the worker ``shards``; then move the
+        last run, from the raw rows of this database and its worker shards; then move the
         watermark to ``now - lag``. Idempotent; run it on a connection of its own.
 
         A day is re-read whole (a primary-key range per product), so an instance seen on
@@ -807,7 +743,7 @@ class Storage:
         """
         started = time.time() if now is None else now
         watermark = await self.meta(WATERMARK_KEY)
-        async with self._attached(shards) as sources:
+        async with self._attached(self._shards()) as sources:
             result = await self._aggregate_range(
                 sources, utc_day(watermark or 0), changed_since=watermark
             )
@@ -912,32 +848,10 @@ class Storage:
                 await self._conn.execute(MERGE_DAY_ROWS_SQL.format(source=source), args)
         async with self._conn.execute(DAY_GROUPS_SQL.format(rows=rows), args) as cursor:
             groups = await cursor.fetchall()
-        versions: Counter[str] = Counter()
-        reports_by_version: Counter[str] = Counter()
-        platforms: Counter[tuple[str, str]] = Counter()
-        min_compatible: Counter[str] = Counter()
-        heaps: Counter[tuple[str, int]] = Counter()
-        for version, os_name, arch, minimum, bucket, count, reports in groups:
-            versions[version] += count
-            reports_by_version[version] += reports
-            platforms[(os_name, arch)] += count
-            min_compatible[minimum] += count
-            if bucket is not None:
-                heaps[(version, bucket)] += count
-        detail: dict[str, list[tuple[Any, ...]]] = {
-            "stats_versions": [
-                (product, day, v, n, reports_by_version[v]) for v, n in versions.items()
-            ],
-            "stats_platforms": [(product, day, o, a, n) for (o, a), n in platforms.items()],
-            "stats_min_compatible": [(product, day, m, n) for m, n in min_compatible.items()],
-            "stats_heaps": [(product, day, v, b, n) for (v, b), n in heaps.items()],
-        }
-        instances = sum(versions.values())
-        reports = sum(reports_by_version.values())
+        detail, instances = day_detail(product, day, groups, checks)
         if not instances:  # raw rows already purged, or release checks only
             await self._conn.execute(UPDATE_STATS_CHECKS_SQL, (product, day, checks))
             return 0
-        detail["stats_days"] = [(product, day, instances, reports, checks)]
         for table in STATS_DAY_TABLES:
             await self._stage(table)
             await self._conn.executemany(STAGE_ROWS_SQL[table], detail[table])
@@ -1028,8 +942,8 @@ class Storage:
 
     # -- retention ---------------------------------------------------------------------------
 
-    async def roll_up_and_purge(self, before: str, shards: Sequence[Path] = ()) -> PurgeResult:
-        """For every UTC day before ``before`` that still has raw rows (here or in ``shards``),
+    async def roll_up_and_purge(self, before: str) -> PurgeResult:
+        """For every UTC day before ``before`` that still has raw rows (here or in its shards),
         write its statistics aggregates and daily rollups, then delete its raw rows; one
         transaction per day.
 
@@ -1038,7 +952,7 @@ class Storage:
         counts once, with the version of its latest report.
         """
         result = PurgeResult()
-        async with self._attached(shards) as sources:
+        async with self._attached(self._shards()) as sources:
             # Seeks in the primary key, not a scan of every row (this runs every hour).
             days = sorted(
                 {
@@ -1073,17 +987,21 @@ class Storage:
                 result.days += 1
         return result
 
-    async def count_expired(self, before: str, shards: Sequence[Path] = ()) -> PurgeResult:
+    async def count_expired(self, before: str) -> PurgeResult:
         """What :meth:`roll_up_and_purge` would do for ``before``: the days it would roll up
-        and the raw rows it would delete (here and in ``shards``); changes nothing."""
+        and the raw rows it would delete (here and in its shards); changes nothing."""
         async with (
-            self._attached(shards),
+            self._attached(self._shards()),
             self._conn.execute(
                 "SELECT count(DISTINCT day), count(*) FROM all_reports WHERE day < ?", (before,)
             ) as cursor,
         ):
             days, rows = await cursor.fetchone() or (0, 0)
         return PurgeResult(days=int(days), rows_deleted=int(rows))
+
+    def _shards(self) -> list[Path]:
+        """The worker shards beside this database (none when this is a shard itself)."""
+        return existing_shards(self.path)
 
     @contextlib.asynccontextmanager
     async def _attached(self, shards: Sequence[Path]) -> AsyncIterator[list[str]]:
@@ -1148,70 +1066,10 @@ def _synced_size(path: Path) -> int:
         os.close(descriptor)
 
 
-def catalog_parts(
-    releases: Iterable[Sequence[Any]],
-    product_policies: Iterable[Sequence[Any]],
-    release_policies: Iterable[Sequence[Any]],
-    advisories: Iterable[Sequence[Any]],
-) -> CatalogParts:
-    """The catalog from its stored rows, whichever backend read them (the columns of
-    ``SELECT_RELEASES_SQL``, ``SELECT_PRODUCT_POLICIES_SQL``, ``SELECT_RELEASE_POLICIES_SQL``
-    and ``product, id, record`` of the advisories).
-
-    A stored row that no longer passes validation (written by an older version or by hand) is
-    skipped with a warning rather than taking the whole catalog down.
-    """
-    parsed_releases = []
-    for row in releases:
-        try:
-            parsed_releases.append((row[1], release_from_row(row)))
-        except CatalogError as exc:
-            logger.warning("catalog: skipping stored release %s %s: %s", row[1], row[2], exc)
-    products: dict[str, dict[str, Any]] = {}
-    for product, pinned, minimum, notice in product_policies:
-        entry = products.setdefault(product, {"yanked": {}, "rollouts": {}})
-        entry["pinned"] = pinned
-        entry["notice"] = notice
-        try:
-            entry["min_version"] = parse_version(minimum) if minimum else None
-        except VersionError:
-            logger.warning("catalog: %s: stored min_version %r ignored", product, minimum)
-    for product, tag, yanked, reason, percent in release_policies:
-        entry = products.setdefault(product, {"yanked": {}, "rollouts": {}})
-        if yanked:
-            entry["yanked"][tag] = reason
-        if percent is not None:
-            entry["rollouts"][tag] = int(percent)
-    parsed_advisories = []
-    for product, ident, record in advisories:
-        try:
-            parsed_advisories.append((product, advisory_from_osv(json.loads(record))))
-        except (CatalogError, ValueError) as exc:
-            logger.warning("catalog: skipping stored advisory %s %s: %s", product, ident, exc)
-    policies = {product: Policy(**entry) for product, entry in products.items()}
-    return CatalogParts(parsed_releases, policies, parsed_advisories)
-
-
 def _checked_synchronous(value: str) -> str:
     if value.lower() not in ("off", "normal", "full", "extra"):
         raise ValueError(f"synchronous must be off, normal, full or extra, not {value!r}")
     return value.upper()
-
-
-def release_from_row(row: Sequence[Any]) -> Release:
-    """A release from the columns of ``SELECT_RELEASES_SQL``."""
-    release_id, product, tag, notes, assets, published, prerelease = row
-    release = release_from_mapping(
-        {
-            "tag": tag,
-            "release_notes": notes,
-            "assets": json.loads(assets),
-            "published": published,
-            "prerelease": bool(prerelease),
-        },
-        product,
-    )
-    return replace(release, id=int(release_id))
 
 
 def _database_uri(path: Path, *, create: bool) -> str:
@@ -1315,3 +1173,85 @@ async def _migrate(
             with contextlib.suppress(sqlite3.Error, ValueError):
                 await conn.execute("ROLLBACK")
             raise
+
+
+# -- backup ------------------------------------------------------------------------------
+
+
+async def backup_database(
+    settings: Settings, dest: Path, *, force: bool = False
+) -> list[BackupFile]:
+    """Copy ``settings.db`` and every worker shard beside it to ``dest`` (a file, or a folder
+    to hold one of the database's name) and its shard names (see ``storage.backup_pairs``):
+    each file a consistent snapshot, taken while the server may be running, so that the copy
+    is a database ``stats`` or ``serve`` can open as it is.
+
+    Nothing is created or migrated at the source. Each copy is written under a temporary name,
+    flushed, then renamed into place: a failed backup never leaves a half-written file under a
+    copy's name. Raises :class:`BackupError` when ``dest`` is the database itself, its folder
+    is missing, or (without ``force``) a file the backup would write, or a stale shard copy
+    that a restore would pick up, already exists; :class:`SchemaError` when ``settings.db`` is
+    not a database of this version.
+    """
+    pairs, stale = _plan_backup(Path(settings.db), dest, force=force)
+    written = []
+    for source, copy in pairs:
+        temporary = copy.with_name(f".{copy.name}.partial")
+        temporary.unlink(missing_ok=True)  # left by a backup that was killed
+        storage = await SqliteStorage.open(
+            source,
+            migrate=False,
+            busy_timeout_ms=int(settings.busy_timeout * 1000),
+        )
+        try:
+            size = await storage.backup(temporary)
+        finally:
+            await storage.close()
+        for sidecar in _sidecars(copy):  # an old -wal would be replayed over the new copy
+            sidecar.unlink(missing_ok=True)
+        os.replace(temporary, copy)
+        written.append(BackupFile(source, copy, size))
+    for shard in stale:
+        for path in (shard, *_sidecars(shard)):
+            path.unlink(missing_ok=True)
+    _sync_directory(pairs[0][1].parent)
+    return written
+
+
+def _plan_backup(
+    db: Path, dest: Path, *, force: bool
+) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """The (file, copy) pairs of a backup of ``db`` to ``dest``, and the stale shard copies to
+    remove; raises :class:`BackupError` (see :func:`backup_database`). A few stat calls: not
+    worth a thread."""
+    if dest.is_dir():  # a folder: the copy takes the database's own name in it
+        dest = dest / db.name
+    pairs = backup_pairs(db, dest)
+    copies = {copy for _, copy in pairs}
+    if {copy.resolve() for copy in copies} & {source.resolve() for source, _ in pairs}:
+        raise BackupError(f"{dest} is the database itself; choose another destination")
+    if not dest.parent.is_dir():
+        raise BackupError(f"{dest}: the directory {dest.parent} does not exist")
+    stale = [shard for shard in existing_shards(dest) if shard not in copies]
+    in_the_way = [
+        path for copy in [*copies, *stale] for path in (copy, *_sidecars(copy)) if path.exists()
+    ]
+    if in_the_way and not force:
+        names = ", ".join(str(path) for path in sorted(in_the_way))
+        raise BackupError(f"{names} already exist{'s' if len(in_the_way) == 1 else ''};"
+                          " choose another destination or give --force to overwrite")  # fmt: skip
+    return pairs, stale
+
+
+def _sidecars(db: Path) -> tuple[Path, Path]:
+    """SQLite's files beside a database in WAL mode."""
+    return db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")
+
+
+def _sync_directory(folder: Path) -> None:
+    """Flush a folder's entries (the renames) to disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
