@@ -70,6 +70,13 @@ async def reopen(storage: Any, **kw: Any) -> Any:
     return await SqliteStorage.open(TARGETS[id(storage)], **kw)
 
 
+async def aggregated(backend: Any, product: str, since: str, until: str) -> Any:
+    """The window of aggregates after an aggregation that re-reads every day."""
+    await backend.set_meta("stats_watermark", 0)
+    await backend.aggregate(now=at(until, 23))
+    return await backend.window(product, since, until)
+
+
 async def test_reports_are_upserted_per_product_day_and_instance(backend: Any) -> None:
     day = "2026-11-30"
     # The same instance twice in one batch and again in the next: one row, three reports,
@@ -79,47 +86,70 @@ async def test_reports_are_upserted_per_product_day_and_instance(backend: Any) -
     )
     await backend.write_batch([report(IDS[0], "1.6.0")], [], at(day, 2))
     await backend.write_batch([report(IDS[0], "1.6.0")], [], at("2026-12-01", 2))
-    stats = await backend.stats("opa", day)
-    assert (stats.instances, stats.reports) == (2, 5)
-    days = await backend.daily("opa", day)
-    assert [(d.day, d.instances, d.reports, d.source) for d in days] == [
-        (day, 2, 4, "raw"),
-        ("2026-12-01", 1, 1, "raw"),
+    window = await aggregated(backend, "opa", day, "2026-12-01")
+    assert window.days == [(day, 2, 4, 0), ("2026-12-01", 1, 1, 0)]
+    assert sorted(window.versions) == [
+        (day, "1.5.1", 1, 1),
+        (day, "1.6.0", 1, 3),
+        ("2026-12-01", "1.6.0", 1, 1),
     ]
-    one_day = await backend.stats("opa", "2026-12-01")
-    assert [(v.version, v.instances, v.reports) for v in one_day.by_version] == [("1.6.0", 1, 1)]
 
 
 async def test_version_checks_are_counted_per_product_and_day(backend: Any) -> None:
     await backend.write_batch([], ["opa", "opa", "other"], at("2026-11-30"))
     await backend.write_batch([report(IDS[0])], ["opa"], at("2026-11-30"))
-    assert (await backend.stats("opa", "2026-11-30")).version_checks == 3
-    assert (await backend.stats("other", "2026-11-30")).version_checks == 1
+    assert (await aggregated(backend, "opa", "2026-11-30", "2026-11-30")).days == [
+        ("2026-11-30", 1, 1, 3)
+    ]
+    assert (await backend.window("other", "2026-11-30", "2026-11-30")).days == [
+        ("2026-11-30", 0, 0, 1)
+    ]
 
 
-async def test_stats_group_by_version_newest_first_and_by_platform(backend: Any) -> None:
+async def test_aggregates_by_version_platform_heap_and_product(backend: Any) -> None:
     await backend.write_batch(
         [
-            report(IDS[0], "1.10.0"),
-            report(IDS[1], "1.9.0", os="darwin", arch="arm64"),
-            report(IDS[2], "1.10.0-rc.1"),
-            report(IDS[3], "1.10.0", os=None, arch=None),
+            report(IDS[0], "1.10.0", heap=1024),
+            report(IDS[1], "1.9.0", os="darwin", arch="arm64", heap=1100),
+            report(IDS[2], "1.10.0-rc.1", heap=None),
+            report(IDS[3], "1.10.0", os=None, arch=None, heap=2048),
             report(IDS[4], "2.0.0", product="myapp"),
         ],
         [],
         at("2026-11-30"),
     )
-    stats = await backend.stats("opa", "2026-11-01")
-    assert [(v.version, v.instances) for v in stats.by_version] == [
-        ("1.10.0", 2),
-        ("1.10.0-rc.1", 1),
-        ("1.9.0", 1),
+    window = await aggregated(backend, "opa", "2026-11-01", "2026-11-30")
+    assert sorted(window.versions) == [
+        ("2026-11-30", "1.10.0", 2, 2),
+        ("2026-11-30", "1.10.0-rc.1", 1, 1),
+        ("2026-11-30", "1.9.0", 1, 1),
     ]
-    assert [(p.os, p.arch, p.instances) for p in stats.by_platform] == [
-        ("linux", "amd64", 2),
-        ("darwin", "arm64", 1),
-        ("unknown", "unknown", 1),
+    assert sorted(window.platforms) == [("", "", 1), ("darwin", "arm64", 1), ("linux", "amd64", 2)]
+    # Heap buckets are an eighth of a doubling: 1024 and 1100 share one, 2048 is 8 above.
+    assert sorted(window.heaps) == [("1.10.0", 80, 1), ("1.10.0", 88, 1), ("1.9.0", 80, 1)]
+    assert window.min_compatible == [("", 4)]
+    assert window.aggregated_at is not None
+    products = await backend.products("2026-11-30")
+    assert [(p.product, p.reports, p.instances_today) for p in products] == [
+        ("myapp", 1, 1),
+        ("opa", 4, 4),
     ]
+    assert sorted(await backend.day_version_counts("2026-11-30")) == [
+        ("myapp", "2.0.0", 1),
+        ("opa", "1.10.0", 2),
+        ("opa", "1.10.0-rc.1", 1),
+        ("opa", "1.9.0", 1),
+    ]
+
+
+async def test_aggregation_rereads_only_days_seen_since_its_watermark(backend: Any) -> None:
+    await backend.write_batch([report(IDS[0])], [], at("2026-11-29"))
+    first = await backend.aggregate(now=at("2026-11-30", 12), lag=60)
+    assert first.days == 1
+    await backend.write_batch([report(IDS[1])], [], at("2026-11-30", 13))
+    second = await backend.aggregate(now=at("2026-11-30", 14), lag=60)
+    assert (second.days, second.instances) == (1, 1)  # only the day with new rows
+    assert (await backend.aggregate(now=at("2026-11-30", 15), lag=60)).days == 0
 
 
 async def test_catalog_changes_bump_the_generation_and_round_trip(backend: Any) -> None:
@@ -153,7 +183,7 @@ async def test_catalog_changes_bump_the_generation_and_round_trip(backend: Any) 
     assert await backend.catalog_generation() == before  # nothing changed, nothing bumped
 
 
-async def test_retention_rolls_days_up_then_daily_reads_them_seamlessly(backend: Any) -> None:
+async def test_retention_keeps_the_aggregates_of_the_days_it_purges(backend: Any) -> None:
     await backend.write_batch(
         [report(IDS[0], heap=100), report(IDS[1], heap=300), report(IDS[2], "1.6.0", heap=None)],
         [],
@@ -167,11 +197,8 @@ async def test_retention_rolls_days_up_then_daily_reads_them_seamlessly(backend:
     assert (result.days, result.rows_deleted) == (1, 3)
     again = await backend.roll_up_and_purge("2026-11-01")
     assert (again.days, again.rows_deleted) == (0, 0)
-    days = await backend.daily("opa", "2026-09-01")
-    assert [(d.day, d.instances, d.reports, d.source) for d in days] == [
-        ("2026-10-01", 3, 4, "rollup"),
-        ("2026-11-30", 1, 1, "raw"),
-    ]
+    window = await aggregated(backend, "opa", "2026-09-01", "2026-11-30")
+    assert window.days == [("2026-10-01", 3, 4, 0), ("2026-11-30", 1, 1, 0)]
 
 
 async def test_only_a_migrating_open_creates_the_schema(backend: Any, tmp_path: Path) -> None:
@@ -219,8 +246,8 @@ async def test_postgres_two_nodes_upserting_the_same_instances_count_every_repor
                 first.write_batch(batch, [], at("2026-11-30")),
                 second.write_batch(batch[::-1], [], at("2026-11-30")),
             )
-        stats = await first.stats("opa", "2026-11-30")
-        assert (stats.instances, stats.reports) == (10, 200)
+        window = await aggregated(first, "opa", "2026-11-30", "2026-11-30")
+        assert window.days == [("2026-11-30", 10, 200, 0)]
     finally:
         await first.close()
         await second.close()

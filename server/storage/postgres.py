@@ -16,13 +16,13 @@ The password in a DSN never appears in a log line or an error message: see :func
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from datetime import date
-from pathlib import Path
+from datetime import date, timedelta
 from types import EllipsisType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -34,19 +34,21 @@ from opa_telemetry_server.advisories import Advisory
 from opa_telemetry_server.errors import CatalogError, SchemaError, StorageUnavailableError
 from opa_telemetry_server.protocol import Report
 from opa_telemetry_server.releases import Release
-from opa_telemetry_server.versions import parse_version
 
 from .records import (
+    AGGREGATED_AT_KEY,
     SELECT_PRODUCT_POLICIES_SQL,
     SELECT_RELEASE_POLICIES_SQL,
+    STATS_DAY_TABLES,
+    WATERMARK_KEY,
+    AggregateResult,
     CatalogParts,
-    Day,
-    PlatformCount,
+    ProductCounts,
     PurgeResult,
-    Stats,
     SyncState,
-    VersionCount,
+    Window,
     catalog_parts,
+    day_detail,
     utc_day,
 )
 
@@ -58,6 +60,7 @@ SCHEMES = ("postgresql://", "postgres://")
 # Keys of the advisory locks this module takes (any two fixed 64-bit numbers of our own).
 MIGRATION_LOCK = 0x6F70_6174_656C_6D31  # "opatelm1"
 RETENTION_LOCK = 0x6F70_6174_656C_6D32
+AGGREGATE_LOCK = 0x6F70_6174_656C_6D33
 CATALOG_CHANNEL = "opa_telemetry_catalog"  # the channel the trigger below notifies
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -169,6 +172,49 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             """
             for table in ("product_policies", "release_policies", "advisories")
         ),
+        # Retention and the aggregator find days by this index; it never changes on an
+        # upsert, so upserts stay heap-only (HOT) updates.
+        "CREATE INDEX reports_by_day ON reports (day)",
+        *(
+            f"""
+            CREATE TABLE {table} (
+                product text NOT NULL,
+                day date NOT NULL,
+                {columns},
+                instances bigint NOT NULL,
+                PRIMARY KEY (product, day{key})
+            )
+            """
+            for table, columns, key in (
+                ("stats_versions", "version text NOT NULL, reports bigint NOT NULL", ", version"),
+                ("stats_platforms", "os text NOT NULL, arch text NOT NULL", ", os, arch"),
+                (
+                    "stats_min_compatible",
+                    "min_compatible_version text NOT NULL",
+                    ", min_compatible_version",
+                ),
+                (
+                    "stats_heaps",
+                    "version text NOT NULL, bucket integer NOT NULL",
+                    ", version, bucket",
+                ),
+                (
+                    "stats_heap_totals",
+                    "version text NOT NULL, bucket integer NOT NULL",
+                    ", version, bucket",
+                ),
+            )
+        ),
+        """
+        CREATE TABLE stats_days (
+            product text NOT NULL,
+            day date NOT NULL,
+            instances bigint NOT NULL,
+            reports bigint NOT NULL,
+            version_checks bigint NOT NULL,
+            PRIMARY KEY (product, day)
+        )
+        """,
         """
         CREATE TABLE daily_rollups (
             product text NOT NULL,
@@ -239,28 +285,65 @@ WHERE product = $1 AND tag = $2
         IS DISTINCT FROM ($3, $4, $5::date, $6)
 """
 
-TOTALS_SQL = """
-SELECT count(DISTINCT instance_id), coalesce(sum(report_count), 0) FROM reports
-WHERE product = $1 AND day >= $2
+# -- statistics: the same aggregates as SQLite's (see ``sqlite``), one database for all nodes --
+# Product-days with rows seen since the watermark (the day index, then a filter on today's
+# rows), and release checks by day.
+CHANGED_DAYS_SQL = """
+SELECT DISTINCT product, day FROM reports WHERE day >= $1 AND last_seen_at >= $2
 """
-CHECKS_SQL = """
-SELECT coalesce(sum(check_count), 0) FROM version_checks WHERE product = $1 AND day >= $2
+CHECK_DAYS_SQL = "SELECT product, day, check_count FROM version_checks WHERE day >= $1"
+# One pass over a product-day's rows. Heap bucket b holds heaps in [2^(b/8), 2^((b+1)/8))
+# bytes, as in SQLite: numeric log keeps exact powers of two on their bucket's lower edge.
+DAY_GROUPS_SQL = """
+SELECT version, coalesce(os, ''), coalesce(arch, ''), coalesce(min_compatible_version, ''),
+       CASE WHEN heap_usage_bytes IS NOT NULL
+            THEN floor(log(2.0, greatest(heap_usage_bytes, 1)::numeric) * 8)::integer END,
+       count(*), sum(report_count)::bigint
+FROM reports WHERE product = $1 AND day = $2 GROUP BY 1, 2, 3, 4, 5
 """
-INSTANCES_BY_VERSION_SQL = """
-SELECT version, count(DISTINCT instance_id), sum(report_count) FROM reports
-WHERE product = $1 AND day >= $2 GROUP BY version
+UPDATE_STATS_CHECKS_SQL = """
+INSERT INTO stats_days (product, day, instances, reports, version_checks)
+VALUES ($1, $2, 0, 0, $3)
+ON CONFLICT (product, day) DO UPDATE SET version_checks = excluded.version_checks
 """
-INSTANCES_BY_PLATFORM_SQL = """
-SELECT coalesce(os, 'unknown'), coalesce(arch, 'unknown'), count(DISTINCT instance_id)
-FROM reports WHERE product = $1 AND day >= $2 GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2
+STATS_COLUMNS = {
+    "stats_days": ("product", "day", "instances", "reports", "version_checks"),
+    "stats_versions": ("product", "day", "version", "instances", "reports"),
+    "stats_platforms": ("product", "day", "os", "arch", "instances"),
+    "stats_min_compatible": ("product", "day", "min_compatible_version", "instances"),
+    "stats_heaps": ("product", "day", "version", "bucket", "instances"),
+}
+WINDOW_DAYS_SQL = """
+SELECT day::text, instances, reports, version_checks FROM stats_days
+WHERE product = $1 AND day BETWEEN $2 AND $3 ORDER BY day
 """
-DAILY_SQL = """
-SELECT day, count(DISTINCT instance_id), sum(report_count), 'raw' FROM reports
-WHERE product = $1 AND day >= $2 GROUP BY day
-UNION ALL
-SELECT day, sum(instances), sum(reports), 'rollup' FROM daily_rollups
-WHERE product = $1 AND day >= $2 GROUP BY day
-ORDER BY 1, 4
+WINDOW_VERSIONS_SQL = """
+SELECT day::text, version, instances, reports FROM stats_versions
+WHERE product = $1 AND day BETWEEN $2 AND $3
+"""
+WINDOW_PLATFORMS_SQL = """
+SELECT os, arch, sum(instances)::bigint FROM stats_platforms
+WHERE product = $1 AND day BETWEEN $2 AND $3 GROUP BY 1, 2
+"""
+WINDOW_MIN_COMPATIBLE_SQL = """
+SELECT min_compatible_version, sum(instances)::bigint FROM stats_min_compatible
+WHERE product = $1 AND day BETWEEN $2 AND $3 GROUP BY 1
+"""
+WINDOW_HEAPS_SQL = """
+SELECT version, bucket, sum(instances)::bigint FROM (
+    SELECT version, bucket, instances FROM stats_heap_totals
+    WHERE product = $1 AND day = (
+        SELECT max(day) FROM stats_heap_totals WHERE product = $1 AND day <= $3)
+    UNION ALL
+    SELECT version, bucket, -instances FROM stats_heap_totals
+    WHERE product = $1 AND day = (
+        SELECT max(day) FROM stats_heap_totals WHERE product = $1 AND day < $2)
+) AS t GROUP BY 1, 2 HAVING sum(instances) > 0
+"""
+PRODUCTS_SQL = """
+SELECT product, sum(reports)::bigint,
+       sum(CASE WHEN day = $1 THEN instances ELSE 0 END)::bigint
+FROM stats_days GROUP BY 1
 """
 
 # One day's raw rows become rollups (nearest-rank heap percentiles: percentile_disc), then go.
@@ -623,40 +706,86 @@ class PostgresStorage:
 
     # -- statistics -------------------------------------------------------------------------
 
-    async def stats(self, product: str, since: str, shards: Sequence[Path] = ()) -> Stats:
-        args = (product, _day(since))
+    async def aggregate(self, *, now: float | None = None, lag: float = 600.0) -> AggregateResult:
+        """Rewrite the aggregates of every product-day with rows seen since the watermark,
+        then move the watermark to ``now - lag`` (see ``SqliteStorage.aggregate``). One node
+        at a time: a node that finds another at it returns an empty result."""
+        started = time.time() if now is None else now
+        async with self._pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", AGGREGATE_LOCK):
+                return AggregateResult()
+            try:
+                watermark = await _meta(conn, WATERMARK_KEY)
+                result = await _aggregate_since(conn, watermark)
+                await _set_meta(conn, WATERMARK_KEY, int(started - lag))
+                await _set_meta(conn, AGGREGATED_AT_KEY, int(started))
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", AGGREGATE_LOCK)
+        return result
+
+    async def window(self, product: str, since: str, until: str) -> Window:
+        args = (product, _day(since), _day(until))
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            instances, reports = await conn.fetchrow(TOTALS_SQL, *args) or (0, 0)
-            checks = await conn.fetchval(CHECKS_SQL, *args) or 0
-            by_version = [
-                VersionCount(v, int(i), int(r))
-                for v, i, r in await conn.fetch(INSTANCES_BY_VERSION_SQL, *args)
+            results = [
+                [tuple(row) for row in await conn.fetch(sql, *args)]
+                for sql in (
+                    WINDOW_DAYS_SQL,
+                    WINDOW_VERSIONS_SQL,
+                    WINDOW_PLATFORMS_SQL,
+                    WINDOW_MIN_COMPATIBLE_SQL,
+                    WINDOW_HEAPS_SQL,
+                )
             ]
-            by_platform = [
-                PlatformCount(o, a, int(i))
-                for o, a, i in await conn.fetch(INSTANCES_BY_PLATFORM_SQL, *args)
-            ]
-        by_version.sort(key=lambda c: parse_version(c.version).precedence, reverse=True)
-        return Stats(
-            product, since, int(instances), int(reports), int(checks), by_version, by_platform
+            aggregated_at = await _meta(conn, AGGREGATED_AT_KEY)
+        days, versions, platforms, min_compatible, heaps = results
+        return Window(
+            days=days,
+            versions=versions,
+            platforms=platforms,
+            min_compatible=min_compatible,
+            heaps=heaps,
+            aggregated_at=aggregated_at,
         )
 
-    async def daily(self, product: str, since: str, shards: Sequence[Path] = ()) -> list[Day]:
-        rows = await self._pool.fetch(DAILY_SQL, product, _day(since))
-        return [Day(d.isoformat(), int(i), int(r), source) for d, i, r, source in rows]
+    async def products(self, today: str) -> list[ProductCounts]:
+        releases = dict(await self.release_counts())
+        rows = await self._pool.fetch(PRODUCTS_SQL, _day(today))
+        seen = {p: (int(r), int(i)) for p, r, i in rows}
+        return [
+            ProductCounts(name, releases.get(name, 0), *seen.get(name, (0, 0)))
+            for name in sorted(releases.keys() | seen.keys())
+        ]
+
+    async def release_counts(self) -> list[tuple[str, int]]:
+        rows = await self._pool.fetch("SELECT product, count(*) FROM releases GROUP BY product")
+        return sorted((p, int(n)) for p, n in rows)
+
+    async def day_version_counts(self, day: str) -> list[tuple[str, str, int]]:
+        rows = await self._pool.fetch(
+            "SELECT product, version, instances FROM stats_versions WHERE day = $1", _day(day)
+        )
+        return [(p, v, int(i)) for p, v, i in rows]
+
+    async def meta(self, key: str) -> int | None:
+        async with self._pool.acquire() as conn:
+            return await _meta(conn, key)
+
+    async def set_meta(self, key: str, value: int) -> None:
+        async with self._pool.acquire() as conn:
+            await _set_meta(conn, key, value)
 
     # -- retention ---------------------------------------------------------------------------
 
-    async def count_expired(self, before: str, shards: Sequence[Path] = ()) -> PurgeResult:
+    async def count_expired(self, before: str) -> PurgeResult:
         days, rows = await self._pool.fetchrow(
             "SELECT count(DISTINCT day), count(*) FROM reports WHERE day < $1", _day(before)
         ) or (0, 0)
         return PurgeResult(days=int(days), rows_deleted=int(rows))
 
-    async def roll_up_and_purge(self, before: str, shards: Sequence[Path] = ()) -> PurgeResult:
-        """For every UTC day before ``before`` with raw rows, write its rollups and delete its
-        rows, one transaction per day. Only one node does this at a time: a node that finds
-        another at it returns an empty result."""
+    async def roll_up_and_purge(self, before: str) -> PurgeResult:
+        """For every UTC day before ``before`` with raw rows, bring its aggregates up to date,
+        write its rollups and delete its rows, one transaction per day. One node at a time:
+        a node that finds another at it returns an empty result."""
         result = PurgeResult()
         async with self._pool.acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
@@ -666,6 +795,8 @@ class PostgresStorage:
                 days = await conn.fetch(
                     "SELECT DISTINCT day FROM reports WHERE day < $1 ORDER BY day", _day(before)
                 )
+                if days:  # the statistics must hold these days before their raw rows go
+                    await self.aggregate()
                 for (day,) in days:
                     async with conn.transaction():
                         await conn.execute(ROLL_UP_DAY_SQL, day)
@@ -729,6 +860,84 @@ class PostgresStorage:
                 f"{self.path} has schema version {version}, {which} than this version's"
                 f" {target}: {action}"
             )
+
+
+async def _meta(conn: Conn, key: str) -> int | None:
+    value = await conn.fetchval("SELECT value FROM meta WHERE key = $1", key)
+    return None if value is None else int(value)
+
+
+async def _set_meta(conn: Conn, key: str, value: int) -> None:
+    await conn.execute(
+        "INSERT INTO meta (key, value) VALUES ($1, $2)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        key, value,
+    )  # fmt: skip
+
+
+async def _aggregate_since(conn: Conn, watermark: int | None) -> AggregateResult:
+    """Rewrite the aggregates of each product-day with rows seen at or after ``watermark``;
+    bring the release checks of the other days since then up to date."""
+    since = _day(utc_day(watermark or 0)) - timedelta(days=1)
+    changed = {
+        (product, day) for product, day in await conn.fetch(CHANGED_DAYS_SQL, since, watermark or 0)
+    }
+    checks = {(p, d): int(n) for p, d, n in await conn.fetch(CHECK_DAYS_SQL, since)}
+    result = AggregateResult()
+    first_changed: dict[str, date] = {}
+    for product, day in sorted(changed | checks.keys()):
+        count = checks.get((product, day), 0)
+        if (product, day) not in changed:
+            await conn.execute(UPDATE_STATS_CHECKS_SQL, product, day, count)
+            continue
+        groups = [tuple(row) for row in await conn.fetch(DAY_GROUPS_SQL, product, day)]
+        detail, instances = day_detail(product, day, groups, count)
+        async with conn.transaction():
+            if not instances:
+                await conn.execute(UPDATE_STATS_CHECKS_SQL, product, day, count)
+                continue
+            for table in STATS_DAY_TABLES:
+                await conn.execute(
+                    f"DELETE FROM {table} WHERE product = $1 AND day = $2",  # noqa: S608 - ours
+                    product, day,
+                )  # fmt: skip
+                await conn.copy_records_to_table(
+                    table, records=detail[table], columns=STATS_COLUMNS[table]
+                )
+        result.days += 1
+        result.instances += instances
+        first_changed.setdefault(product, day)
+    for product, day in first_changed.items():
+        await _rebuild_heap_totals(conn, product, day)
+    return result
+
+
+async def _rebuild_heap_totals(conn: Conn, product: str, since: date) -> None:
+    """Recompute the running heap totals of ``product`` from day ``since`` on."""
+    async with conn.transaction():
+        base = await conn.fetch(
+            "SELECT version, bucket, instances FROM stats_heap_totals WHERE product = $1"
+            " AND day = (SELECT max(day) FROM stats_heap_totals"
+            "            WHERE product = $1 AND day < $2)",
+            product, since,
+        )  # fmt: skip
+        running: Counter[tuple[str, int]] = Counter({(v, b): int(n) for v, b, n in base})
+        deltas = await conn.fetch(
+            "SELECT day, version, bucket, instances FROM stats_heaps"
+            " WHERE product = $1 AND day >= $2 ORDER BY day",
+            product, since,
+        )  # fmt: skip
+        rows: list[tuple[Any, ...]] = []
+        for day, day_rows in itertools.groupby(deltas, key=lambda row: row[0]):
+            for _, version, bucket, instances in day_rows:
+                running[(version, bucket)] += int(instances)
+            rows += [(product, day, v, b, n) for (v, b), n in running.items()]
+        await conn.execute(
+            "DELETE FROM stats_heap_totals WHERE product = $1 AND day >= $2", product, since
+        )
+        await conn.copy_records_to_table(
+            "stats_heap_totals", records=rows, columns=STATS_COLUMNS["stats_heaps"]
+        )
 
 
 async def _import(
