@@ -292,6 +292,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )  # fmt: skip
     backup.add_argument("--force", action="store_true", help="overwrite an existing copy")
     backup.set_defaults(run=_run_backup)
+
+    copy = commands.add_parser(
+        "import-sqlite",
+        help="copy a SQLite database (and its worker shards) into a new PostgreSQL database",
+    )
+    add_settings_flags(copy, environ, ("db", "busy_timeout"))
+    copy.add_argument(
+        "source", type=Path, metavar="SQLITE_DB",
+        help="the SQLite database to copy (stop its server first, or back it up and copy that)",
+    )  # fmt: skip
+    copy.set_defaults(run=_run_import_sqlite)
     return parser
 
 
@@ -997,6 +1008,21 @@ def _run_backup(args: argparse.Namespace) -> int:
         f"backup complete: {len(written)} file{'s' if len(written) > 1 else ''}. To restore: stop"
         " the server, copy each file back to the name it is a snapshot of, start the server."
     )
+    return 0
+
+
+def _run_import_sqlite(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    from .storage import import_sqlite
+
+    def progress(table: str, rows: int) -> None:
+        print(f"\r{table}: {rows} rows", end="\x1b[K", file=sys.stderr, flush=True)
+
+    counts, target = asyncio.run(import_sqlite(settings, args.source, progress))
+    print(file=sys.stderr)
+    for table, rows in counts.items():
+        print(f"{table}: {rows} rows")
+    print(f"copied {args.source} into {target}; point every server at it with --db")
     return 0
 
 

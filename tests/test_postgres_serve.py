@@ -180,3 +180,63 @@ def _restore_cluster(postgres_cluster: Any) -> Any:
         "pg_ctl", "-D", str(postgres_cluster.data), "status", check=False
     ).returncode:
         postgres_cluster.start()
+
+
+async def test_a_sqlite_database_with_shards_moves_to_postgres_whole(
+    tmp_path: Any, postgres_dsn: str
+) -> None:
+    from opa_telemetry_server.protocol import Report
+    from opa_telemetry_server.storage.sqlite import SqliteStorage, shard_path
+    from opa_telemetry_server.versions import parse_version
+
+    db = tmp_path / "t.db"
+    prepared = server_cli("releases", "list", "--db", str(db))  # no database yet: refused
+    assert prepared.returncode == 1
+    node = await asyncio.create_subprocess_exec(
+        *SERVER, "serve", "--port", "0", "--db", str(db), "--no-access-log",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert node.stdout is not None
+    ready_url(await asyncio.wait_for(node.stdout.readline(), 60))  # migrated and seeded
+    await stop_node(node)
+    main, shard = await SqliteStorage.open(db), await SqliteStorage.open(shard_path(db, 1))
+    day = time.time() - 86_400
+    same = "00000000-0000-4000-8000-000000000001"
+    try:
+        version = parse_version
+        await main.write_batch([Report("opa", same, version("1.5.1"), "linux", "amd64", 1, None)],
+                               ["opa"], day)  # fmt: skip
+        await shard.write_batch(
+            [Report("opa", same, version("1.6.0"), "linux", "amd64", 2, None)] * 2,
+            ["opa"],
+            day + 60,
+        )
+        await main.set_release_policy("opa", "v1.20.2", yanked=True, reason="test")
+    finally:
+        await main.close()
+        await shard.close()
+    copied = server_cli("import-sqlite", str(db), "--db", postgres_dsn)
+    assert copied.returncode == 0, copied.stderr
+    assert "releases: 139 rows" in copied.stdout and "reports (merged): 1 rows" in copied.stdout
+    assert PASSWORD not in copied.stdout + copied.stderr
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        row = await conn.fetchrow("SELECT report_count, version, heap_usage_bytes FROM reports")
+        assert tuple(row) == (3, "1.6.0", 2)  # one instance: counts added, the latest fields
+        assert await conn.fetchval("SELECT sum(check_count) FROM version_checks") == 2
+        assert await conn.fetchval("SELECT yanked FROM release_policies") is True
+    finally:
+        await conn.close()
+    again = server_cli("import-sqlite", str(db), "--db", postgres_dsn)
+    assert again.returncode == 1 and "already holds reports or releases" in again.stderr
+    # The PostgreSQL server takes over: no re-seeding, the yank kept.
+    node, url = await start_node(postgres_dsn)
+    try:
+        listed = server_cli("releases", "list", "--db", postgres_dsn)
+        assert "139 releases" in listed.stdout, listed.stdout
+        async with aiohttp.ClientSession() as session:
+            answer = await post_report(session, url, version="1.20.2")
+        assert answer["latest"]["latest_release"] == "v1.20.1"  # the yanked one is not offered
+        assert answer["support"]["status"] == "yanked"
+    finally:
+        await stop_node(node)

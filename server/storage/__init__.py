@@ -9,13 +9,13 @@ other value a SQLite file. Each backend keeps its own numbered migrations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import EllipsisType
 from typing import Protocol
 
 from opa_telemetry_server.advisories import Advisory
-from opa_telemetry_server.errors import BackupError
+from opa_telemetry_server.errors import BackupError, UsageError
 from opa_telemetry_server.protocol import Report
 from opa_telemetry_server.releases import Release
 from opa_telemetry_server.settings import Settings
@@ -47,6 +47,7 @@ __all__ = [
     "SyncState",
     "Window",
     "backup_database",
+    "import_sqlite",
     "is_postgres_url",
     "open_storage",
     "utc_day",
@@ -169,3 +170,22 @@ async def backup_database(
     from .sqlite import backup_database as backup_sqlite
 
     return await backup_sqlite(settings, dest, force=force)
+
+
+async def import_sqlite(
+    settings: Settings, source: Path, progress: Callable[[str, int], None] | None = None
+) -> tuple[dict[str, int], str]:
+    """Copy the SQLite database ``source`` (with its shards) into the PostgreSQL database
+    ``settings.db``, creating its schema; returns the rows copied per table and the target's
+    name (without its password). See ``transfer``."""
+    if not is_postgres_url(settings.db):
+        raise UsageError("--db must name the PostgreSQL database to copy into (postgresql://...)")
+    from .postgres import PostgresStorage
+    from .transfer import copy_sqlite_to_postgres
+
+    # One long transaction by design: no statement timeout.
+    target = await PostgresStorage.open(settings.db, statement_timeout=0)
+    try:
+        return await copy_sqlite_to_postgres(source, target, progress), target.path
+    finally:
+        await target.close()

@@ -436,7 +436,7 @@ class PostgresStorage:
                     min_size=1,
                     max_size=pool_size,
                     timeout=10,
-                    command_timeout=statement_timeout + 5,
+                    command_timeout=statement_timeout + 5 if statement_timeout else None,
                     server_settings={
                         "statement_timeout": str(int(statement_timeout * 1000)),
                         "application_name": "opa-telemetry",
@@ -463,6 +463,10 @@ class PostgresStorage:
             await storage.close()
             raise
         return storage
+
+    def connection(self) -> Any:
+        """A connection lent by the pool, as an async context manager (for ``transfer``)."""
+        return self._pool.acquire()
 
     async def close(self) -> None:
         if not self._closed:
