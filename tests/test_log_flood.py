@@ -96,7 +96,9 @@ def flood_lines(log: Path) -> list[str]:
     return [
         line
         for line in text.splitlines()
-        if not any(f" opa_telemetry_server.{name}: " in line for name in ("storage", "app", "cli"))
+        if not any(
+            f" opa_telemetry_server.{name}: " in line for name in ("storage.sqlite", "app", "cli")
+        )
     ]
 
 

@@ -222,6 +222,7 @@ async def test_a_sqlite_database_with_shards_moves_to_postgres_whole(
     conn = await asyncpg.connect(postgres_dsn)
     try:
         row = await conn.fetchrow("SELECT report_count, version, heap_usage_bytes FROM reports")
+        assert row is not None
         assert tuple(row) == (3, "1.6.0", 2)  # one instance: counts added, the latest fields
         assert await conn.fetchval("SELECT sum(check_count) FROM version_checks") == 2
         assert await conn.fetchval("SELECT yanked FROM release_policies") is True

@@ -179,3 +179,19 @@ async def test_a_shard_still_being_created_is_left_out_of_reads(tmp_path: Path) 
         assert (result.days, aggregated.days, aggregated.instances) == (0, 0, 0)
     finally:
         await storage.close()
+
+
+async def test_a_shard_left_attached_by_a_cancelled_run_does_not_stop_the_next(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "t.db"
+    storage = await SqliteStorage.open(db)
+    shard = await SqliteStorage.open(shard_path(db, 1))
+    await shard.close()
+    try:
+        # What a run cancelled between its ATTACH and its DETACH leaves behind.
+        await storage._conn.execute("ATTACH DATABASE ? AS shard1", (str(shard_path(db, 1)),))
+        assert (await storage.aggregate()).days == 0
+        assert (await storage.roll_up_and_purge("2026-01-01")).days == 0
+    finally:
+        await storage.close()

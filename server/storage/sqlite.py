@@ -1007,6 +1007,11 @@ class SqliteStorage:
     async def _attached(self, shards: Sequence[Path]) -> AsyncIterator[list[str]]:
         """Attach ``shards`` and define ``all_reports`` / ``all_version_checks`` over them."""
         sources = ["main"]
+        # A run cancelled while it detached (a server stopping) may have left some attached.
+        async with self._conn.execute("PRAGMA database_list") as cursor:
+            leftovers = [row[1] for row in await cursor.fetchall() if row[1].startswith("shard")]
+        for name in leftovers:
+            await self._conn.execute(f"DETACH DATABASE {name}")
         try:
             for number, shard in enumerate(shards, start=1):
                 name = f"shard{number}"
