@@ -300,11 +300,15 @@ async def _sync_once(
                        exc_info=True)  # fmt: skip
         return 0.0
     try:
-        state = await storage.sync_state(target.product)
-        if state and state.retry_after_at and state.retry_after_at > time.time():
-            return 0.0  # still asked to wait: try again at the next interval
-        result = await sync_product(storage, target, client)
-        logger.info("release sync: %s", result.describe(target.product))
+        async with storage.exclusive(f"sync:{target.product}") as mine:
+            if not mine:  # another node of the deployment is syncing this product now
+                logger.debug("release sync of %s: another node is at it", target.product)
+                return 0.0
+            state = await storage.sync_state(target.product)
+            if state and state.retry_after_at and state.retry_after_at > time.time():
+                return 0.0  # still asked to wait: try again at the next interval
+            result = await sync_product(storage, target, client)
+            logger.info("release sync: %s", result.describe(target.product))
     except SyncError as exc:
         logger.warning("release sync of %s failed: %s", target.product, exc)
         return float(exc.retry_after or 0)

@@ -317,3 +317,18 @@ async def test_sync_state_and_a_pruning_sync(backend: Any) -> None:
     assert counts == (1, 0, 1)
     tags = [r.tag for r in (await load_catalog(backend)).releases("opa")]
     assert tags == ["v1.2.0", "v1.1.0"]
+
+
+async def test_an_exclusive_job_runs_in_one_process_at_a_time(backend: Any) -> None:
+    other = await reopen(backend, migrate=False)
+    try:
+        async with backend.exclusive("sync:opa") as mine:
+            assert mine
+            async with other.exclusive("sync:opa") as theirs, other.exclusive("x") as free:
+                # PostgreSQL nodes share one database: the second is refused while the first
+                # holds it. SQLite serves one host, where only worker 0 runs such jobs.
+                assert theirs is (not isinstance(backend, PostgresStorage)) and free
+        async with other.exclusive("sync:opa") as after:
+            assert after  # released with the block
+    finally:
+        await other.close()

@@ -10,6 +10,7 @@ other value a SQLite file. Each backend keeps its own numbered migrations.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import EllipsisType
 from typing import Protocol
@@ -118,6 +119,10 @@ class Storage(Protocol):
     async def day_version_counts(self, day: str) -> list[tuple[str, str, int]]: ...
     async def meta(self, key: str) -> int | None: ...
     async def set_meta(self, key: str, value: int) -> None: ...
+
+    # Jobs that one process of the whole deployment runs at a time (GitHub sync): the block
+    # gets True when this process holds the job, False when another does.
+    def exclusive(self, job: str) -> AbstractAsyncContextManager[bool]: ...
 
     # Retention.
     async def count_expired(self, before: str) -> PurgeResult: ...

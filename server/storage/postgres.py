@@ -16,12 +16,14 @@ The password in a DSN never appears in a log line or an error message: see :func
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import time
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import date, timedelta
 from types import EllipsisType
 from typing import Any
@@ -61,6 +63,7 @@ SCHEMES = ("postgresql://", "postgres://")
 MIGRATION_LOCK = 0x6F70_6174_656C_6D31  # "opatelm1"
 RETENTION_LOCK = 0x6F70_6174_656C_6D32
 AGGREGATE_LOCK = 0x6F70_6174_656C_6D33
+JOB_LOCKS = 0x6F70_6174_0000_0000  # + CRC-32 of the job's name
 CATALOG_CHANNEL = "opa_telemetry_catalog"  # the channel the trigger below notifies
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -777,6 +780,20 @@ class PostgresStorage:
     async def set_meta(self, key: str, value: int) -> None:
         async with self._pool.acquire() as conn:
             await _set_meta(conn, key, value)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, job: str) -> AsyncIterator[bool]:
+        """Hold ``job``'s advisory lock for the block if no other process holds it (True),
+        else run the block without it (False). The lock goes with its connection, so a node
+        that dies mid-job frees it."""
+        key = JOB_LOCKS + zlib.crc32(job.encode())
+        async with self._pool.acquire() as conn:
+            mine = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            try:
+                yield mine
+            finally:
+                if mine:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
     # -- retention ---------------------------------------------------------------------------
 

@@ -999,6 +999,11 @@ class SqliteStorage:
             days, rows = await cursor.fetchone() or (0, 0)
         return PurgeResult(days=int(days), rows_deleted=int(rows))
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self, job: str) -> AsyncIterator[bool]:
+        """Always True: one host, and the server runs such jobs in worker 0 only."""
+        yield True
+
     def _shards(self) -> list[Path]:
         """The worker shards beside this database (none when this is a shard itself)."""
         return existing_shards(self.path)
