@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import AnswerError
 
 
-@dataclass(frozen=True, slots=True)
-class LatestRelease:
-    """What the service said about the newest release.
+class LatestRelease(NamedTuple):
+    """What the service said about the newest release (immutable).
 
     ``latest_release`` is the tag (``v1.5.1``); ``download`` and ``release_notes`` are URLs;
     all three are ``None`` when the service knows no release. ``up_to_date`` is the service's
     verdict (OPA trusts it rather than comparing versions itself).
+
+    A NamedTuple rather than a dataclass: building a dataclass costs about a millisecond at
+    import (it compiles generated code), and importing this package must stay cheap.
     """
 
     latest_release: str | None
