@@ -15,12 +15,17 @@ from __future__ import annotations
 import _thread
 import asyncio
 import contextlib
+import encodings.idna  # noqa: F401 - see below
 import os.path
 import socket
 import ssl
 import sys
 from collections.abc import Callable, Mapping
 from typing import TypeVar
+
+# ``getaddrinfo`` and ``ssl`` encode a host name with the "idna" codec, whose first use imports
+# three modules (~1 ms holding the GIL). Importing it here, with the package, keeps that off
+# the host's running loop: a report imports nothing (tests/test_client_http.py).
 
 T = TypeVar("T")
 
