@@ -16,7 +16,7 @@ import _thread
 import asyncio
 import contextlib
 import encodings.idna  # noqa: F401 - see below
-import os.path
+import os
 import socket
 import ssl
 import sys
@@ -93,6 +93,7 @@ async def tls_context(environ: Mapping[str, str]) -> ssl.SSLContext:
 
 
 def _new_context(cafile_setting: str, capath_setting: str) -> ssl.SSLContext:
+    _yield_the_cpu()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
     context.set_alpn_protocols(["http/1.1"])
     cafile = cafile_setting if os.path.isfile(cafile_setting) else None
@@ -103,3 +104,14 @@ def _new_context(cafile_setting: str, capath_setting: str) -> ssl.SSLContext:
         # A CA directory is read lazily by OpenSSL, certificate by certificate, when needed.
         context.load_verify_locations(cafile=cafile, capath=capath)
     return context
+
+
+def _yield_the_cpu() -> None:
+    """Lower this thread's priority (Linux applies it to the calling thread only). Loading the
+    system's CA bundle takes 30-100 ms of CPU; OpenSSL does it without holding the GIL, but on
+    a machine whose cores are busy the host's event-loop thread would still queue for a core
+    behind it. At niceness 10 the loop's wake-ups come first, and the load still gets its turn.
+    """
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, 10)
