@@ -1,13 +1,13 @@
-"""The two blocking things a report needs, done where they cannot stall the host's event loop:
-resolving a host name, and building the TLS context (loading the CA certificates).
+"""Running the client's blocking work where it cannot stall the host's event loop.
 
-Each runs in a thread of its own started with ``_thread.start_new_thread``, not with
-``asyncio.to_thread``: the first ``to_thread`` in a process imports the thread-pool module and
-``threading.Thread.start()`` blocks the calling (loop) thread until the new thread has run,
-each measured at milliseconds on a busy machine. ``getaddrinfo`` and OpenSSL's loading of a CA
-file release the GIL, so the loop keeps running while they work (``bench/client.py``).
-Loading certificates from memory in chunks on the loop was measured too: about 2 ms per 8
-certificates, worse than one file load in a thread.
+A report's exchange (DNS, connect, TLS handshake, send, read) runs in a thread of its own,
+started with ``_thread.start_new_thread`` rather than ``asyncio.to_thread``: the first
+``to_thread`` in a process imports the thread-pool module and ``threading.Thread.start()``
+blocks the calling (loop) thread until the new thread has run, each measured at milliseconds on
+a busy machine. ``getaddrinfo``, socket I/O, the TLS handshake and OpenSSL's loading of a CA
+file all release the GIL, and the thread runs at a lower priority, so the host's loop keeps its
+core (``bench/client.py``). Loading certificates from memory in chunks on the loop instead was
+measured too: it holds the GIL, about 2 ms per 8 certificates.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import encodings.idna  # noqa: F401 - see below
 import os
-import socket
 import ssl
 import sys
 from collections.abc import Callable, Mapping
@@ -29,16 +28,14 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# TLS contexts by (CA file, CA directory): built once per process and setting, then shared.
-_contexts: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+# TLS contexts by (CA file, CA directory) setting: built once per process, then shared.
+_contexts: dict[tuple[str, str], ssl.SSLContext] = {}
 
 
 def run_off_loop(function: Callable[[], T]) -> asyncio.Future[T]:
-    """Call ``function`` in a new daemon thread; the future gets its result or exception.
-
-    Never blocks the caller. If the future is cancelled or the loop closed before the thread
-    ends, the outcome is dropped.
-    """
+    """Call ``function`` in a new daemon thread at a lower priority; the future gets its
+    result or exception. Never blocks the caller. If the future is cancelled or the loop
+    closed before the thread ends, the outcome is dropped."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
@@ -54,6 +51,7 @@ def run_off_loop(function: Callable[[], T]) -> asyncio.Future[T]:
         value: T | None = None
         error: BaseException | None = None
         try:
+            _yield_the_cpu()
             value = function()
         except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             error = exc
@@ -64,36 +62,20 @@ def run_off_loop(function: Callable[[], T]) -> asyncio.Future[T]:
     return future
 
 
-async def resolve(host: str, port: int) -> list[tuple[str, int]]:
-    """The addresses to try for ``host:port``, IPv4 and IPv6; an IP address is used as is."""
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except OSError:
-        pass
-    else:
-        return [(host, port)]
-    infos = await run_off_loop(
-        lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    )
-    return [(str(info[4][0]), port) for info in infos]
-
-
-async def tls_context(environ: Mapping[str, str]) -> ssl.SSLContext:
+def tls_context(environ: Mapping[str, str]) -> ssl.SSLContext:
     """A verifying client context (hostname checked, TLS 1.2+) that trusts the system's CA
-    certificates, or those named by ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` in ``environ``."""
+    certificates, or those named by ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` in ``environ``.
+    Blocking (it may load the CA bundle): call it off the loop."""
     paths = ssl.get_default_verify_paths()
     cafile = environ.get(paths.openssl_cafile_env) or paths.openssl_cafile
     capath = environ.get(paths.openssl_capath_env) or paths.openssl_capath
-    key = (cafile, capath)
-    context = _contexts.get(key)
+    context = _contexts.get((cafile, capath))
     if context is None:
-        context = await run_off_loop(lambda: _new_context(cafile, capath))
-        _contexts[key] = context
+        context = _contexts[cafile, capath] = _new_context(cafile, capath)
     return context
 
 
 def _new_context(cafile_setting: str, capath_setting: str) -> ssl.SSLContext:
-    _yield_the_cpu()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
     context.set_alpn_protocols(["http/1.1"])
     cafile = cafile_setting if os.path.isfile(cafile_setting) else None
@@ -108,10 +90,10 @@ def _new_context(cafile_setting: str, capath_setting: str) -> ssl.SSLContext:
 
 def _yield_the_cpu() -> None:
     """Lower this thread's priority (Linux applies it to the calling thread only). Loading the
-    system's CA bundle takes 30-100 ms of CPU; OpenSSL does it without holding the GIL, but on
-    a machine whose cores are busy the host's event-loop thread would still queue for a core
-    behind it. At niceness 10 the loop's wake-ups come first, and the load still gets its turn.
-    """
+    system's CA bundle takes 30-100 ms of CPU and a handshake about 1.5 ms; OpenSSL does both
+    without the GIL, but on a machine whose cores are busy the host's event-loop thread would
+    still queue for a core behind them. At niceness 10 the loop's wake-ups come first, and the
+    work still gets its turn."""
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, 10)

@@ -9,8 +9,8 @@
   host names, which match themselves and their subdomains (``example.com`` matches
   ``api.example.com``); names with a leading ``.`` or ``*.`` (subdomains only); any entry but a
   range may end in ``:port``. Case and spaces are ignored; entries that parse as nothing are.
-- A proxy without a scheme is ``http://``; ``http`` and ``https`` proxies are supported (``user:
-  password@`` becomes ``Proxy-Authorization: Basic``); requests through a ``socks5`` proxy fail.
+- A proxy without a scheme is ``http://``; ``user:password@`` becomes ``Proxy-Authorization:
+  Basic``. Requests through an ``https://`` or ``socks5://`` proxy fail with a message.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class Proxy:
 
     def __hash__(self) -> int:
         return hash((self.scheme, self.host, self.port, self.authorization))
+
+    @property
+    def host_port(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def __repr__(self) -> str:
         auth = ", authorization=..." if self.authorization else ""
@@ -111,8 +115,8 @@ def parse_proxy(setting: str) -> Proxy:
         scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
     except ValueError:
         raise TransportError(f"invalid proxy address {setting[:100]!r}") from None
-    if scheme not in DEFAULT_PORTS:
-        raise TransportError(f"unsupported proxy scheme {scheme!r} (http and https are)")
+    if scheme != "http":
+        raise TransportError(f"unsupported proxy scheme {scheme!r} (http:// proxies are)")
     if not host:
         raise TransportError(f"invalid proxy address {setting[:100]!r}")
     authorization = ""
@@ -120,7 +124,7 @@ def parse_proxy(setting: str) -> Proxy:
         credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         token = binascii.b2a_base64(credentials.encode(), newline=False).decode()
         authorization = f"Basic {token}"
-    return Proxy(scheme, host, port or DEFAULT_PORTS[scheme], authorization)
+    return Proxy(scheme, host, port or 80, authorization)
 
 
 def _first(environ: Mapping[str, str], *names: str) -> str:

@@ -1,17 +1,19 @@
-"""One POST with a timeout -> a parsed answer, over asyncio streams and the standard library.
+"""One POST with a timeout -> a parsed answer, with the standard library only.
 
-No HTTP library: the client sends one request per connection and :mod:`.wire` parses the
-answer. aiohttp's import costs ~0.2 s and h11's ~10 ms (measured, see ``bench/client.py``),
-each holding the GIL long enough to stall a host's event loop wherever it runs; everything
-this module needs is imported by ``asyncio`` already. Host names are resolved and the TLS
-context built in a thread of their own (:mod:`.offloop`).
+The exchange itself (resolve, connect, TLS, send, read, redirects) is plain blocking socket
+code run in a thread of its own (:func:`.offloop.run_off_loop`); the host's event loop only
+awaits its outcome, so not even the TLS handshake (~1.5 ms of CPU) runs on it. No HTTP
+library: one request per connection, and :mod:`.wire` parses the answer. aiohttp's import
+costs ~0.2 s and h11's ~10 ms (measured, see ``bench/client.py``), each holding the GIL long
+enough to stall a host's loop wherever it runs; everything used here is imported by
+``asyncio`` already, but ``json`` and ``zlib``.
 
 What it does, as OPA's Go client does: ``http://`` and ``https://`` (certificates verified
 against the system's roots or ``SSL_CERT_FILE``/``SSL_CERT_DIR``); proxies from the
 environment (:mod:`.proxies`; an ``https://`` URL through a ``CONNECT`` tunnel); at most
 :data:`MAX_REDIRECTS` redirects (301/302/303 become a GET, 307/308 repeat the POST); gzip
-answers; ``Retry-After``. Answers are read up to 64 KiB, and one timeout bounds the whole
-exchange.
+answers; ``Retry-After``. Answers are read up to 64 KiB. One deadline bounds the whole
+exchange, in the thread (every socket operation) and on the loop (the await).
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import json
 import os
 import socket
 import ssl
+import time
 from collections.abc import Mapping
 from urllib.parse import urljoin, urlsplit
 
 from .answer import LatestRelease, parse_answer
 from .errors import AnswerError, RequestTimeoutError, ServiceError, TransportError
-from .offloop import resolve, tls_context
+from .offloop import run_off_loop, tls_context
 from .payload import Payload
-from .proxies import DEFAULT_PORTS, Proxy, proxy_for
+from .proxies import DEFAULT_PORTS, proxy_for
 from .wire import (
     MAX_ANSWER_BYTES,
     MAX_HEAD_BYTES,
@@ -44,32 +47,11 @@ from .wire import (
 
 MAX_RETRY_AFTER = 24 * 3600.0
 MAX_REDIRECTS = 3
-CLOSE_TIMEOUT = 1.0  # for the TLS goodbye after a complete answer
 MAX_INTERIM_ANSWERS = 8  # 1xx answers skipped before the real one
 MAX_TRAILERS = 32
 
-
 # (head, body); the body is None when longer than MAX_ANSWER_BYTES.
 Answer = tuple[Head, bytes | None]
-
-
-class Target:
-    """Where one request goes; ``path`` includes the query, if any."""
-
-    __slots__ = ("host", "path", "port", "scheme")
-
-    def __init__(self, scheme: str, host: str, port: int, path: str) -> None:
-        self.scheme, self.host, self.port, self.path = scheme, host, port, path
-
-    @property
-    def authority(self) -> str:
-        """``host`` or ``host:port`` (the port only when not the scheme's default)."""
-        return self.host_port.removesuffix(f":{DEFAULT_PORTS[self.scheme]}")
-
-    @property
-    def host_port(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
 
 
 async def post_report(
@@ -81,21 +63,14 @@ async def post_report(
     Raises :class:`RequestTimeoutError`, :class:`TransportError`, :class:`ServiceError` or
     :class:`AnswerError`; reads at most 64 KiB of any answer.
     """
-    env = os.environ if environ is None else environ
-    headers = [
-        ("User-Agent", payload.user_agent),
-        ("Content-Type", "application/json"),
-        ("Accept-Encoding", "gzip"),
-        ("Connection", "close"),
-    ]
-    writer: asyncio.StreamWriter | None = None
+    exchange = Exchange(url, payload, timeout, os.environ if environ is None else environ)
     try:
         async with asyncio.timeout(timeout):
-            answer, writer = await _follow(url, payload.body, headers, env)
+            head, raw = await run_off_loop(exchange.run)
     except TimeoutError:
         raise RequestTimeoutError(f"no answer from {url} within {timeout:g}s") from None
-    await _close(writer)
-    head, raw = answer
+    finally:
+        exchange.abort()  # cancelled or timed out: the thread's socket is shut, it ends now
     status, retry_after = head.status, head.headers.get("retry-after")
     try:
         body = decode_content(raw, head.headers.get("content-encoding", ""))
@@ -109,120 +84,237 @@ async def post_report(
     return parse_answer(body)
 
 
-async def _follow(
-    url: str, body: bytes, headers: list[tuple[str, str]], env: Mapping[str, str]
-) -> tuple[Answer, asyncio.StreamWriter]:
-    """The answer to the request, after at most MAX_REDIRECTS redirects, with its still-open
-    connection (closed here on any failure)."""
-    method = "POST"
-    for _ in range(MAX_REDIRECTS + 1):
-        target = _parse_url(url)
-        answer, writer = await _exchange(target, method, body, headers, env)
-        head = answer[0]
-        location = head.headers.get("location")
-        if head.status not in REDIRECT_STATUSES or not location:
-            return answer, writer
-        await _close(writer)
-        url = urljoin(url, location)
-        if head.status in (301, 302, 303):  # as Go and browsers do: the body is dropped
-            method, body = "GET", b""
-            headers = [(name, value) for name, value in headers if name != "Content-Type"]
-    raise TransportError(f"more than {MAX_REDIRECTS} redirects, the last to {url[:200]}")
+class Target:
+    """Where one request goes; ``path`` includes the query, if any."""
 
+    __slots__ = ("host", "path", "port", "scheme")
 
-def _parse_url(url: str) -> Target:
-    try:
-        parts = urlsplit(url)
-        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
-    except ValueError:
-        raise TransportError(f"invalid URL {url[:200]!r}") from None
-    if scheme not in DEFAULT_PORTS or not host:
-        raise TransportError(f"not an http:// or https:// URL: {url[:200]!r}")
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Target(scheme, host, port or DEFAULT_PORTS[scheme], path)
+    def __init__(self, scheme: str, host: str, port: int, path: str) -> None:
+        self.scheme, self.host, self.port, self.path = scheme, host, port, path
 
-
-async def _exchange(
-    target: Target,
-    method: str,
-    body: bytes,
-    headers: list[tuple[str, str]],
-    env: Mapping[str, str],
-) -> tuple[Answer, asyncio.StreamWriter]:
-    proxy = proxy_for(target.scheme, target.host, target.port, env)
-    request_target = target.path
-    extra: list[tuple[str, str]] = []
-    if proxy is None:
-        reader, writer = await _connect(target.host, target.port, target.scheme, env)
-    else:
-        reader, writer = await _connect(proxy.host, proxy.port, proxy.scheme, env, "proxy ")
-    try:
-        if proxy is not None and target.scheme == "https":
-            await _tunnel(reader, writer, proxy, target, env)
-        elif proxy is not None:  # a plain-HTTP proxy takes the absolute URL
-            request_target = f"http://{target.authority}{target.path}"
-            if proxy.authorization:
-                extra.append(("Proxy-Authorization", proxy.authorization))
-        writer.write(request_bytes(method, request_target, target.authority, headers + extra, body))
-        await writer.drain()
-        answer = await _read_answer(reader, method)
-    except BaseException as exc:
-        _abort(writer)
-        if isinstance(exc, OSError | asyncio.IncompleteReadError | asyncio.LimitOverrunError):
-            reason = _reason(exc)
-            raise TransportError(f"no complete answer from {target.authority}: {reason}") from None
-        raise
-    return answer, writer
-
-
-async def _connect(
-    host: str, port: int, scheme: str, env: Mapping[str, str], what: str = ""
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    context = await tls_context(env) if scheme == "https" else None
-    try:
-        addresses = await resolve(host, port)
-    except OSError as exc:
-        raise TransportError(f"cannot resolve {what}{host}: {_reason(exc)}") from None
-    error: OSError | None = None
-    for address, address_port in addresses:
+    @classmethod
+    def parse(cls, url: str) -> Target:
         try:
-            return await asyncio.open_connection(
-                address,
-                address_port,
-                ssl=context,
-                server_hostname=host if context else None,
-                limit=MAX_ANSWER_BYTES,
-            )
+            parts = urlsplit(url)
+            scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+        except ValueError:
+            raise TransportError(f"invalid URL {url[:200]!r}") from None
+        if scheme not in DEFAULT_PORTS or not host:
+            raise TransportError(f"not an http:// or https:// URL: {url[:200]!r}")
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(scheme, host, port or DEFAULT_PORTS[scheme], path)
+
+    @property
+    def authority(self) -> str:
+        """``host`` or ``host:port`` (the port only when not the scheme's default)."""
+        return self.host_port.removesuffix(f":{DEFAULT_PORTS[self.scheme]}")
+
+    @property
+    def host_port(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class Exchange:
+    """One report's request, redirects included, as blocking code for a thread of its own.
+
+    :meth:`run` does the work; :meth:`abort` may be called from any thread, at any time: it
+    shuts the current socket (so a blocked read returns at once) and stops what follows.
+    """
+
+    def __init__(
+        self, url: str, payload: Payload, timeout: float, environ: Mapping[str, str]
+    ) -> None:
+        self.url = url
+        self.payload = payload
+        self.timeout = timeout
+        self.environ = environ
+        self.deadline = 0.0
+        self._aborted = False
+        self._socket: socket.socket | None = None
+
+    def run(self) -> Answer:
+        self.deadline = time.monotonic() + self.timeout
+        url, method, body = self.url, "POST", self.payload.body
+        headers = [
+            ("User-Agent", self.payload.user_agent),
+            ("Content-Type", "application/json"),
+            ("Accept-Encoding", "gzip"),
+            ("Connection", "close"),
+        ]
+        for _ in range(MAX_REDIRECTS + 1):
+            answer = self._send(Target.parse(url), method, body, headers)
+            head = answer[0]
+            location = head.headers.get("location")
+            if head.status not in REDIRECT_STATUSES or not location:
+                return answer
+            url = urljoin(url, location)
+            if head.status in (301, 302, 303):  # as Go and browsers do: the body is dropped
+                method, body = "GET", b""
+                headers = [(name, value) for name, value in headers if name != "Content-Type"]
+        raise TransportError(f"more than {MAX_REDIRECTS} redirects, the last to {url[:200]}")
+
+    def abort(self) -> None:
+        self._aborted = True
+        sock = self._socket
+        if sock is not None:
+            # The plain socket's shutdown, also for an SSLSocket: no TLS state is touched.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def _send(
+        self, target: Target, method: str, body: bytes, headers: list[tuple[str, str]]
+    ) -> Answer:
+        proxy = proxy_for(target.scheme, target.host, target.port, self.environ)
+        request_target, extra = target.path, []
+        if proxy is None:
+            sock = self._connect(target.host, target.port, "")
+        else:
+            sock = self._connect(proxy.host, proxy.port, "proxy ")
+        try:
+            if proxy is not None and target.scheme == "https":
+                self._tunnel(sock, target, proxy.host_port, proxy.authorization)
+            elif proxy is not None:  # a plain-HTTP proxy takes the absolute URL
+                request_target = f"http://{target.authority}{target.path}"
+                if proxy.authorization:
+                    extra.append(("Proxy-Authorization", proxy.authorization))
+            if target.scheme == "https":
+                sock = self._start_tls(sock, target)
+            request = request_bytes(method, request_target, target.authority, headers + extra, body)
+            try:
+                self._settimeout(sock)
+                sock.sendall(request)
+                return _read_answer(Reader(sock, self), method)
+            except (OSError, EOFError) as exc:
+                self._check_time(exc)
+                raise TransportError(
+                    f"no complete answer from {target.authority}: {_reason(exc)}"
+                ) from None
+        finally:
+            self._socket = None
+            sock.close()
+
+    def _connect(self, host: str, port: int, what: str) -> socket.socket:
+        if self._aborted:
+            raise TransportError("cancelled")
+        try:
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            error = exc
-    reason = _reason(error) if error else "no address"
-    raise TransportError(f"cannot connect to {what}{host}:{port}: {reason}")
+            raise TransportError(f"cannot resolve {what}{host}: {_reason(exc)}") from None
+        error: OSError | None = None
+        for family, kind, proto, _, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            self._socket = sock
+            try:
+                if self._aborted:
+                    raise TransportError("cancelled")
+                self._settimeout(sock)
+                sock.connect(address)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:
+                sock.close()
+                self._check_time(exc)
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        reason = _reason(error) if error else "no address"
+        raise TransportError(f"cannot connect to {what}{host}:{port}: {reason}")
+
+    def _tunnel(self, sock: socket.socket, target: Target, proxy: str, auth: str) -> None:
+        """``CONNECT`` through the proxy: what follows goes to the target."""
+        headers = [("Proxy-Authorization", auth)] if auth else []
+        try:
+            sock.sendall(request_bytes("CONNECT", target.host_port, target.host_port, headers, b""))
+            head = parse_head(Reader(sock, self).read_until(b"\r\n\r\n"))
+        except (OSError, EOFError) as exc:
+            self._check_time(exc)
+            raise TransportError(f"no answer from proxy {proxy}: {_reason(exc)}") from None
+        if not 200 <= head.status < 300:
+            raise TransportError(
+                f"proxy {proxy} refused the tunnel to {target.host_port}: HTTP {head.status}"
+            )
+
+    def _start_tls(self, sock: socket.socket, target: Target) -> socket.socket:
+        try:
+            context = tls_context(self.environ)
+            self._settimeout(sock)
+            tls = context.wrap_socket(sock, server_hostname=target.host)
+        except OSError as exc:
+            self._check_time(exc)
+            raise TransportError(f"cannot connect to {target.host_port}: {_reason(exc)}") from None
+        self._socket = tls
+        return tls
+
+    def _settimeout(self, sock: socket.socket) -> None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0 or self._aborted:
+            raise TimeoutError("deadline passed")
+        sock.settimeout(remaining)
+
+    def _check_time(self, exc: BaseException) -> None:
+        """A socket timeout is the deadline: let it surface as one (RequestTimeoutError)."""
+        if isinstance(exc, TimeoutError):
+            raise TimeoutError("deadline passed") from None
 
 
-async def _tunnel(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    proxy: Proxy,
-    target: Target,
-    env: Mapping[str, str],
-) -> None:
-    """``CONNECT`` through the proxy, then TLS with the target over the tunnel."""
-    authority = target.host_port
-    headers = [("Proxy-Authorization", proxy.authorization)] if proxy.authorization else []
-    writer.write(request_bytes("CONNECT", authority, authority, headers, b""))
-    await writer.drain()
-    head = parse_head(await reader.readuntil(b"\r\n\r\n"))
-    if not 200 <= head.status < 300:
-        raise TransportError(
-            f"proxy {proxy.host}:{proxy.port} refused the tunnel to {authority}: HTTP {head.status}"
-        )
-    context = await tls_context(env)
-    await writer.start_tls(context, server_hostname=target.host)
+class Reader:
+    """Buffered reads from a blocking socket, each bounded by the exchange's deadline."""
+
+    def __init__(self, sock: socket.socket, exchange: Exchange) -> None:
+        self.sock = sock
+        self.exchange = exchange
+        self.buffer = bytearray()
+        self.eof = False
+
+    def _fill(self) -> None:
+        self.exchange._settimeout(self.sock)
+        data = self.sock.recv(65536)
+        if not data:
+            self.eof = True
+        self.buffer += data
+
+    def read_until(self, separator: bytes, limit: int = MAX_HEAD_BYTES) -> bytes:
+        """Up to and including ``separator``; raises EOFError at the end of the stream and
+        TransportError past ``limit`` bytes."""
+        start = 0
+        while (found := self.buffer.find(separator, start)) < 0:
+            if len(self.buffer) > limit:
+                raise TransportError("answer headers are too large")
+            start = max(0, len(self.buffer) - len(separator) + 1)
+            if self.eof:
+                raise EOFError("the connection closed before the answer was complete")
+            self._fill()
+        end = found + len(separator)
+        if end > limit:
+            raise TransportError("answer headers are too large")
+        data = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        return data
+
+    def read_exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            if self.eof:
+                raise EOFError("the connection closed before the answer was complete")
+            self._fill()
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def read_to_end(self, limit: int) -> bytes | None:
+        """Everything until the connection closes, or None once past ``limit`` bytes."""
+        while not self.eof:
+            if len(self.buffer) > limit:
+                return None
+            self._fill()
+        return None if len(self.buffer) > limit else bytes(self.buffer)
 
 
-async def _read_answer(reader: asyncio.StreamReader, method: str) -> Answer:
+def _read_answer(reader: Reader, method: str) -> Answer:
     for _ in range(MAX_INTERIM_ANSWERS):
-        head = await _read_head(reader)
+        head = parse_head(reader.read_until(b"\r\n\r\n"))
         if not 100 <= head.status < 200:
             break
     else:
@@ -233,61 +325,27 @@ async def _read_answer(reader: asyncio.StreamReader, method: str) -> Answer:
     if framing.kind == "length":
         if framing.length > MAX_ANSWER_BYTES:
             return (head, None)
-        return (head, await reader.readexactly(framing.length))
+        return (head, reader.read_exactly(framing.length))
     if framing.kind == "chunked":
-        return (head, await _read_chunks(reader))
-    data = bytearray()
-    while chunk := await reader.read(16 * 1024):
-        data += chunk
-        if len(data) > MAX_ANSWER_BYTES:
-            return (head, None)
-    return (head, bytes(data))
+        return (head, _read_chunks(reader))
+    return (head, reader.read_to_end(MAX_ANSWER_BYTES))
 
 
-async def _read_head(reader: asyncio.StreamReader) -> Head:
-    try:
-        data = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise TransportError("answer headers are too large") from None
-    if len(data) > MAX_HEAD_BYTES:
-        raise TransportError("answer headers are too large")
-    return parse_head(data)
-
-
-async def _read_chunks(reader: asyncio.StreamReader) -> bytes | None:
+def _read_chunks(reader: Reader) -> bytes | None:
     chunks: list[bytes] = []
     size = 0
-    while length := chunk_size(await reader.readuntil(b"\n")):
+    while length := chunk_size(reader.read_until(b"\n", 1024)):
         size += length
         if size > MAX_ANSWER_BYTES:
             return None
-        chunk = await reader.readexactly(length + 2)
+        chunk = reader.read_exactly(length + 2)
         if chunk[-2:] != b"\r\n":
             raise TransportError("malformed chunk in the answer")
         chunks.append(chunk[:-2])
     for _ in range(MAX_TRAILERS):
-        if not (await reader.readuntil(b"\n")).strip():
+        if not reader.read_until(b"\n", 8192).strip():
             return b"".join(chunks)
     raise TransportError("too many trailers in the answer")
-
-
-async def _close(writer: asyncio.StreamWriter | None) -> None:
-    """Close a connection whose answer is complete, waiting briefly for TLS's goodbye."""
-    if writer is None:
-        return
-    try:
-        writer.close()
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            await writer.wait_closed()
-    except (OSError, TimeoutError, RuntimeError):
-        _abort(writer)
-
-
-def _abort(writer: asyncio.StreamWriter) -> None:
-    """Drop a connection at once. With the loop already closed (a host that closed it with us
-    mid-request) there is nothing to schedule on: the socket goes with its object."""
-    with contextlib.suppress(RuntimeError):
-        writer.transport.abort()
 
 
 def _reason(exc: BaseException) -> str:
@@ -296,10 +354,8 @@ def _reason(exc: BaseException) -> str:
         return f"TLS certificate not trusted: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS failed: {exc.reason or exc}".lower()
-    if isinstance(exc, asyncio.IncompleteReadError):
-        return "the connection closed before the answer was complete"
-    if isinstance(exc, asyncio.LimitOverrunError):
-        return "answer headers are too large"
+    if isinstance(exc, EOFError):
+        return str(exc)
     if isinstance(exc, socket.gaierror):
         return str(exc.strerror or exc).lower()
     if isinstance(exc, OSError) and exc.errno:  # asyncio words some as "Connect call failed"
