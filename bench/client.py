@@ -265,7 +265,8 @@ def main() -> int:
                     cells.append(f"{statistics.median(stalls):.2f} / {max(stalls):.2f}")
                     quiet_cells.append(f"{statistics.median(quiets):.2f} / {max(quiets):.2f}")
                     sent.append(str(sum(int(s["sent"]) for s in samples[name])))
-                row = [" ".join((scheme, preload, loop, server)), *cells, *quiet_cells, "/".join(sent)]
+                scenario = f"{scheme} {preload} {loop} {server}"
+                row = [scenario, *cells, *quiet_cells, "/".join(sent)]
                 print("| " + " | ".join(row) + " |", flush=True)
         print()
         for name in names:
