@@ -5,9 +5,14 @@ started with ``_thread.start_new_thread`` rather than ``asyncio.to_thread``: the
 ``to_thread`` in a process imports the thread-pool module and ``threading.Thread.start()``
 blocks the calling (loop) thread until the new thread has run, each measured at milliseconds on
 a busy machine. ``getaddrinfo``, socket I/O, the TLS handshake and OpenSSL's loading of a CA
-file all release the GIL, and the thread runs at a lower priority, so the host's loop keeps its
-core (``bench/client.py``). Loading certificates from memory in chunks on the loop instead was
-measured too: it holds the GIL, about 2 ms per 8 certificates.
+file all release the GIL (``bench/client.py`` measures what is left). Loading certificates from
+memory in chunks on the loop instead was measured too: it holds the GIL, about 2 ms per 8
+certificates.
+
+The one long burst of CPU, loading the system's CA bundle (30-100 ms), runs in a further thread
+at a lower priority: without the GIL, but on a machine whose cores are busy the host's loop
+would otherwise queue for a core behind it. Only that thread is lowered, not the exchange's:
+a low-priority thread that holds the GIL, even briefly, can keep the loop waiting for it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import encodings.idna  # noqa: F401 - see below
 import os
 import ssl
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -51,7 +57,6 @@ def run_off_loop(function: Callable[[], T]) -> asyncio.Future[T]:
         value: T | None = None
         error: BaseException | None = None
         try:
-            _yield_the_cpu()
             value = function()
         except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             error = exc
@@ -62,17 +67,37 @@ def run_off_loop(function: Callable[[], T]) -> asyncio.Future[T]:
     return future
 
 
-def tls_context(environ: Mapping[str, str]) -> ssl.SSLContext:
+def tls_context(environ: Mapping[str, str], timeout: float) -> ssl.SSLContext:
     """A verifying client context (hostname checked, TLS 1.2+) that trusts the system's CA
     certificates, or those named by ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` in ``environ``.
-    Blocking (it may load the CA bundle): call it off the loop."""
+
+    Blocking, for at most ``timeout`` seconds (then TimeoutError): call it off the loop. The
+    first call per setting loads the certificates in a low-priority thread.
+    """
     paths = ssl.get_default_verify_paths()
     cafile = environ.get(paths.openssl_cafile_env) or paths.openssl_cafile
     capath = environ.get(paths.openssl_capath_env) or paths.openssl_capath
     context = _contexts.get((cafile, capath))
-    if context is None:
-        context = _contexts[cafile, capath] = _new_context(cafile, capath)
-    return context
+    if context is not None:
+        return context
+    outcome: list[ssl.SSLContext | Exception] = []
+
+    def load() -> None:
+        _yield_the_cpu()
+        try:
+            outcome.append(_new_context(cafile, capath))
+        except Exception as exc:  # noqa: BLE001 - raised below, in the waiting thread
+            outcome.append(exc)
+
+    loader = threading.Thread(target=load, name="opa-telemetry CA load", daemon=True)
+    loader.start()
+    loader.join(timeout)
+    if not outcome:
+        raise TimeoutError("loading the CA certificates took too long")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    _contexts[cafile, capath] = outcome[0]
+    return outcome[0]
 
 
 def _new_context(cafile_setting: str, capath_setting: str) -> ssl.SSLContext:
@@ -89,11 +114,8 @@ def _new_context(cafile_setting: str, capath_setting: str) -> ssl.SSLContext:
 
 
 def _yield_the_cpu() -> None:
-    """Lower this thread's priority (Linux applies it to the calling thread only). Loading the
-    system's CA bundle takes 30-100 ms of CPU and a handshake about 1.5 ms; OpenSSL does both
-    without the GIL, but on a machine whose cores are busy the host's event-loop thread would
-    still queue for a core behind them. At niceness 10 the loop's wake-ups come first, and the
-    work still gets its turn."""
+    """Lower this thread's priority (Linux applies it to the calling thread only) to niceness
+    10: the loop's wake-ups come first, and the work still gets its turn on a busy machine."""
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, 10)

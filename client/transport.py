@@ -239,7 +239,7 @@ class Exchange:
 
     def _start_tls(self, sock: socket.socket, target: Target) -> socket.socket:
         try:
-            context = tls_context(self.environ)
+            context = tls_context(self.environ, self.deadline - time.monotonic())
             self._settimeout(sock)
             tls = context.wrap_socket(sock, server_hostname=target.host)
         except OSError as exc:

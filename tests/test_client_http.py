@@ -489,3 +489,24 @@ def test_a_report_imports_nothing_and_starts_no_thread_pool(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["[]", "None"]
+
+
+async def test_closing_a_reporter_mid_request_closes_its_connection_at_once() -> None:
+    """The exchange runs in a thread: cancelling its await must also end the thread's blocked
+    read (its deadline is a minute away here), or the connection would outlive the reporter."""
+    accepted, closed = asyncio.Event(), asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # until the client closes its side
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reporter = Reporter("MyApp", "1.0.0", url=f"http://127.0.0.1:{port}", timeout=60.0)
+        reporter.start()
+        await asyncio.wait_for(accepted.wait(), 10)
+        await reporter.aclose()
+        await asyncio.wait_for(closed.wait(), 10)
