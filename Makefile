@@ -30,7 +30,7 @@ $(VENV)/.stamp-bench: setup.cfg pyproject.toml | $(BIN)/python
 	touch $@
 
 run: $(VENV)/.stamp-run
-	$(BIN)/opa-telemetry-server serve --host $(HOST) --port $(PORT) --db $(DB)
+	$(BIN)/opa-telemetry-server serve --host $(HOST) --port $(PORT) --db $(DB) $(ARGS)
 
 test: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

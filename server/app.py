@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -69,9 +69,11 @@ def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
     return app
 
 
-async def open_storage(settings: Settings, path: str | Path) -> Storage:
+async def open_storage(settings: Settings, path: str | Path, *, migrate: bool = True) -> Storage:
+    """Open ``path`` with the settings' SQLite options; only ``serve`` migrates."""
     return await Storage.open(
         path,
+        migrate=migrate,
         synchronous=settings.synchronous,
         busy_timeout_ms=int(settings.busy_timeout * 1000),
         wal_checkpoint_pages=settings.wal_checkpoint_pages,
@@ -133,14 +135,41 @@ async def _databases(app: web.Application, worker: int) -> AsyncIterator[None]:
         yield
 
 
-async def purge_expired(settings: Settings, today: date | None = None) -> PurgeResult:
-    """Roll up and delete raw rows older than ``settings.retention_days`` (main and shards),
-    on a connection of its own."""
+def retention_cutoff(settings: Settings, today: date | None = None) -> str | None:
+    """The oldest UTC day whose raw rows retention keeps, or ``None`` when
+    ``retention_days`` is 0 (keep forever: nothing is ever purged)."""
+    if settings.retention_days == 0:
+        return None
     day = today or datetime.now(UTC).date()
-    before = (day - timedelta(days=settings.retention_days)).isoformat()
-    storage = await open_storage(settings, settings.db)
+    return (day - timedelta(days=settings.retention_days)).isoformat()
+
+
+async def purge_expired(
+    settings: Settings,
+    today: date | None = None,
+    *,
+    announce: Callable[[PurgeResult, str], None] | None = None,
+    dry_run: bool = False,
+) -> PurgeResult:
+    """Roll up and delete raw rows older than ``settings.retention_days`` (main and shards),
+    on a connection of its own; nothing at all when retention is 0 (keep forever).
+
+    ``announce`` is told what is about to go (days and raw rows, and the cutoff day) before
+    anything is deleted; with ``dry_run`` that is all that happens.
+    """
+    before = retention_cutoff(settings, today)
+    if before is None:
+        return PurgeResult()
+    storage = await open_storage(settings, settings.db, migrate=False)
     try:
-        return await storage.roll_up_and_purge(before, existing_shards(settings.db))
+        shards = existing_shards(settings.db)
+        if announce is not None or dry_run:
+            expired = await storage.count_expired(before, shards)
+            if announce is not None:
+                announce(expired, before)
+            if dry_run or not expired.days:
+                return PurgeResult()
+        return await storage.roll_up_and_purge(before, shards)
     finally:
         await storage.close()
 

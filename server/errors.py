@@ -16,7 +16,9 @@ place that maps them to HTTP statuses and the JSON error shape.
     │   ├── ShuttingDownError .... the server is draining before exit
     │   └── StorageUnavailableError  the database could not commit (locked, full, read-only)
     ├── CatalogError ............. a release could not be added or parsed (CLI)
-    └── SchemaError .............. the database file is not one this version can use
+    ├── SchemaError .............. the database file cannot be opened or is not one this
+    │                              version can use
+    └── UsageError ............... a bad flag, env var or setting (CLI exit status 2)
 """
 
 from __future__ import annotations
@@ -91,4 +93,9 @@ class CatalogError(TelemetryError):
 
 
 class SchemaError(TelemetryError):
-    """The database's schema version is newer than this server understands, or unreadable."""
+    """The database cannot be opened (a directory, a missing folder, no permission), is not
+    an opa-telemetry database, or has a schema version this version cannot use."""
+
+
+class UsageError(TelemetryError):
+    """A flag, env var or setting has a value the command cannot use."""

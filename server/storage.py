@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import sqlite3
 import time
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiosqlite
 
@@ -213,27 +215,40 @@ class Storage:
         synchronous: str = "full",
         busy_timeout_ms: int = 5000,
         wal_checkpoint_pages: int = 1000,
+        migrate: bool = True,
     ) -> Storage:
-        """Open (creating if needed) and migrate the database at ``path``.
+        """Open the database at ``path``: with ``migrate``, create it if missing and apply the
+        schema steps it lacks (only the server does this); without, open an existing database
+        of exactly this version's schema and change nothing.
 
-        Raises :class:`SchemaError` when the file is not a database this version can use
-        (corrupt, or migrated by a newer version).
+        Raises :class:`SchemaError`, with a message a person can act on, when the path cannot
+        be a database (a directory, a missing folder, no permission) or the file is not one
+        this version can use (not SQLite, not ours, older without ``migrate``, newer).
         """
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise SchemaError(
                 f"SQLite {sqlite3.sqlite_version} is too old: opa-telemetry needs"
                 f" {'.'.join(map(str, MIN_SQLITE))} or newer (its JSON operators)"
             )
-        conn = await aiosqlite.connect(str(path), isolation_level=None)
+        # A few stat calls at open time, before any connection exists: not worth a thread.
+        uri = _database_uri(Path(path), create=migrate)
+        try:
+            conn = await aiosqlite.connect(uri, isolation_level=None, uri=True)
+        except sqlite3.Error as exc:
+            raise SchemaError(f"{path}: cannot open the database: {exc}") from None
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            await conn.execute("PRAGMA journal_mode = WAL")
+            if migrate:
+                await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_checkpoint_pages)}")
             await conn.execute(f"PRAGMA synchronous = {_checked_synchronous(synchronous)}")
-            await _migrate(conn)
+            if migrate:
+                await _migrate(conn)
+            else:
+                await _check_current(conn, path)
         except sqlite3.DatabaseError as exc:
             await conn.close()
-            raise SchemaError(f"{path}: cannot use this database: {exc}") from exc
+            raise SchemaError(f"{path}: cannot use this database: {exc}") from None
         except BaseException:
             await conn.close()
             raise
@@ -454,6 +469,18 @@ class Storage:
                 result.days += 1
         return result
 
+    async def count_expired(self, before: str, shards: Sequence[Path] = ()) -> PurgeResult:
+        """What :meth:`roll_up_and_purge` would do for ``before``: the days it would roll up
+        and the raw rows it would delete (here and in ``shards``); changes nothing."""
+        async with (
+            self._attached(shards),
+            self._conn.execute(
+                "SELECT count(DISTINCT day), count(*) FROM all_reports WHERE day < ?", (before,)
+            ) as cursor,
+        ):
+            days, rows = await cursor.fetchone() or (0, 0)
+        return PurgeResult(days=int(days), rows_deleted=int(rows))
+
     async def daily(self, product: str, since: str, shards: Sequence[Path] = ()) -> list[Day]:
         """Instances and reports per UTC day since ``since``: from raw rows where they are
         still kept, from the daily rollups where retention has removed them."""
@@ -524,6 +551,50 @@ def _release_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Release:
         }
     )
     return replace(release, id=int(release_id))
+
+
+def _database_uri(path: Path, *, create: bool) -> str:
+    """The SQLite URI to open ``path`` with (``mode=rw`` never creates the file), after
+    refusing in words a path that cannot hold the database (SQLite says it less clearly)."""
+    uri = f"file:{quote(str(path.resolve()))}?mode={'rwc' if create else 'rw'}"
+    if path.is_dir():
+        raise SchemaError(f"{path} is a directory; --db takes a database file")
+    if path.exists():
+        return uri
+    if not create:
+        raise SchemaError(f"{path}: no such database (start the server once, or check --db)")
+    if not path.parent.is_dir():
+        raise SchemaError(
+            f"{path}: the directory {path.parent} does not exist (create it, or choose another"
+            " --db)"
+        )
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise SchemaError(f"{path}: cannot create the database: {path.parent} is not writable")
+    return uri
+
+
+async def _check_current(conn: aiosqlite.Connection, path: str | Path) -> None:
+    """Raise :class:`SchemaError` unless ``conn`` holds exactly this version's schema."""
+    version, target = await _user_version(conn), len(MIGRATIONS)
+    async with conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ) as cursor:
+        row = await cursor.fetchone()
+    if version == 0 or not row or not row[0]:
+        raise SchemaError(
+            f"{path} is not an opa-telemetry database (start the server with it once to"
+            " create one, or check --db)"
+        )
+    if version < target:
+        raise SchemaError(
+            f"{path} has schema version {version}, older than this version's {target}:"
+            " start the server once to upgrade it"
+        )
+    if version > target:
+        raise SchemaError(
+            f"{path} has schema version {version}, newer than this version's {target};"
+            " upgrade opa-telemetry"
+        )
 
 
 async def _user_version(conn: aiosqlite.Connection) -> int:

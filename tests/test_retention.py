@@ -138,7 +138,11 @@ def test_purge_and_daily_stats_from_the_cli(
     add_raw(db, old, INSTANCE_ID, "1.5.1", 4, 10)
     add_raw(db, today.isoformat(), INSTANCE_ID, "1.5.1", 1, 10)
     assert main(["purge", "--db", str(db), "--days", "30"]) == 0
-    assert capsys.readouterr().out == "1 days rolled up, 1 raw rows deleted\n"
+    cutoff = (today - timedelta(days=30)).isoformat()
+    assert capsys.readouterr().out.splitlines() == [
+        f"rolling up 1 days before {cutoff} and delete their 1 raw rows (retention 30 days)",
+        "1 days rolled up, 1 raw rows deleted",
+    ]
     assert main(["stats", "--db", str(db), "--daily", "--days", "60", "--json"]) == 0
     days = json.loads(capsys.readouterr().out)
     assert [(d["day"], d["reports"], d["source"]) for d in days] == [
