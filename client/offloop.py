@@ -114,8 +114,9 @@ def _new_context(cafile_setting: str, capath_setting: str) -> ssl.SSLContext:
 
 
 def _yield_the_cpu() -> None:
-    """Lower this thread's priority (Linux applies it to the calling thread only) to niceness
-    10: the loop's wake-ups come first, and the work still gets its turn on a busy machine."""
+    """Lower this thread's priority by 10 nice levels (Linux applies it to the calling thread
+    only): the loop's wake-ups come first, and the work still gets its turn on a busy machine."""
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, 0, 10)
+            niceness = os.getpriority(os.PRIO_PROCESS, 0)
+            os.setpriority(os.PRIO_PROCESS, 0, min(19, niceness + 10))

@@ -1,8 +1,8 @@
 """The background reporter: an app's startup never waits on the network.
 
 :meth:`Reporter.start` only schedules a task. That task reports at once and then on OPA's
-schedule; the transport it uses was imported with this package and needs no import of its own,
-and resolves names and loads CA certificates off the loop (see :mod:`.transport`). Every
+schedule; each report's exchange runs in a thread of its own and the task only awaits it, and
+nothing is imported on the way (see :mod:`.transport`). Every
 failure ends at the one ``except Exception`` below and is logged at DEBUG; nothing reaches the
 host app. :meth:`Reporter.aclose` cancels the task and waits a bounded time for it.
 """
