@@ -12,10 +12,11 @@ no client (the machine's own noise), calls ``Reporter.start()`` (timed) and watc
 ``--window`` seconds more. A stall is the lateness of the worst wake-up. Scenarios: ``http://``
 and ``https://``; aiohttp imported by the host or not; asyncio and uvloop; a local server that
 answers, one that refuses (no listener) and one that accepts and never answers (after the TLS
-handshake for https). The https servers' certificate comes from a CA made here (trustme), and
-``SSL_CERT_FILE`` is the system's bundle plus that CA, so loading it costs what the system's
-roots cost. With ``--baseline REV`` the client of that commit runs the same processes,
-interleaved one for one with this tree's, so that a shared machine's drift hits both alike.
+handshake for https). The https servers' certificate comes from a CA made here (trustme),
+trusted next to the system's roots (``--ca``). With ``--baseline REV`` the client of that
+commit runs the same processes, interleaved one for one with this tree's, so that a shared
+machine's drift hits both alike. ``--nice -10`` (as root) shields the host processes from the
+rest of a shared machine; both trees get the same.
 
 The import cost is ``python -X importtime -c "import asyncio, logging; import opa_telemetry"``
 (the cumulative microseconds of the ``opa_telemetry`` line), median and minimum of
@@ -145,19 +146,42 @@ class Servers:
         writer.close()
 
 
-def tls_material(directory: Path) -> tuple[ssl.SSLContext, Path]:
-    """A server context with a certificate for 127.0.0.1 from a fresh CA, and a CA bundle:
-    the system's roots followed by that CA."""
+def tls_material(directory: Path, ca_setting: str) -> tuple[ssl.SSLContext, dict[str, str]]:
+    """A server context with a certificate for 127.0.0.1 from a fresh CA, and the environment
+    that makes the client trust it along with the system's roots, as the system does it:
+
+    - ``dir``: ``SSL_CERT_DIR`` is a copy of the system's hashed CA directory (links) plus that
+      CA's hash link (made with the ``openssl`` command); the system's bundle file stays the
+      default file. What a client on Debian sees with no setting at all.
+    - ``bundle``: ``SSL_CERT_FILE`` is the system's bundle followed by that CA (so loading it
+      costs what loading the system's roots costs).
+    """
     import trustme
 
     ca = trustme.CA()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    bundle = directory / "bundle.pem"
-    system = ssl.get_default_verify_paths().cafile
-    roots = Path(system).read_bytes() if system else b""
-    bundle.write_bytes(roots + b"\n" + ca.cert_pem.bytes())
-    return context, bundle
+    paths = ssl.get_default_verify_paths()
+    if ca_setting == "bundle":
+        bundle = directory / "bundle.pem"
+        roots = Path(paths.cafile).read_bytes() if paths.cafile else b""
+        bundle.write_bytes(roots + b"\n" + ca.cert_pem.bytes())
+        return context, {"SSL_CERT_FILE": str(bundle)}
+    hashed = directory / "certs"
+    hashed.mkdir()
+    for entry in Path(paths.capath or "/etc/ssl/certs").iterdir():
+        (hashed / entry.name).symlink_to(entry.resolve())
+    ca_file = directory / "bench-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    subject_hash = subprocess.run(
+        ["openssl", "x509", "-hash", "-noout", "-in", str(ca_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
+    (hashed / f"{subject_hash}.0").symlink_to(ca_file)
+    return context, {"SSL_CERT_DIR": str(hashed)}
 
 
 # --- the client trees ---------------------------------------------------------------------
@@ -184,10 +208,11 @@ def client_tree(directory: Path, revision: str | None) -> Path:
     return target
 
 
-def run_child(tree: Path, args: list[str], bundle: Path, nice: int) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "SSL_CERT_FILE": str(bundle)}
+def run_child(tree: Path, args: list[str], trust: dict[str, str], nice: int) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSL_CERT_")}
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "DO_NOT_TRACK"):
         env.pop(name, None)
+    env.update(trust, PYTHONPATH=str(tree))
     command = [sys.executable, "-c", CHILD, *args]
     if nice:
         command = ["nice", "-n", str(nice), *command]
@@ -232,6 +257,14 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=0.4, help="seconds watched after start")
     parser.add_argument("--only", default="", help="comma-separated words a scenario must have")
     parser.add_argument(
+        "--ca",
+        choices=["dir", "bundle"],
+        default="dir",
+        help="how the https server's CA is trusted: added to a copy of the system's hashed CA "
+        "directory (SSL_CERT_DIR, the system's default way), or to a copy of its bundle "
+        "(SSL_CERT_FILE, which the client must then load whole)",
+    )
+    parser.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -246,9 +279,10 @@ def main() -> int:
         trees = {"after": client_tree(directory, None)}
         if args.baseline:
             trees = {"before": client_tree(directory, args.baseline), **trees}
-        context, bundle = tls_material(directory)
+        context, trust = tls_material(directory, args.ca)
         names = list(trees)
-        print(f"{args.processes} fresh processes per scenario and tree (niceness {args.nice}); "
+        print(f"{args.processes} fresh processes per scenario and tree (niceness {args.nice}, "
+              f"CA by {args.ca}); "
               "stall = worst lateness "
               f"of a 1 ms sleep in the {args.window:g} s after start(); quiet = the same in the "
               f"{args.quiet:g} s before (the machine's noise); ms, median / max")  # fmt: skip
@@ -264,7 +298,7 @@ def main() -> int:
                 samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
                 for _ in range(args.processes):
                     for name in names:
-                        samples[name].append(run_child(trees[name], child_args, bundle, args.nice))
+                        samples[name].append(run_child(trees[name], child_args, trust, args.nice))
                 cells, quiet_cells, sent = [], [], []
                 for name in names:
                     stalls = [s["stall_ms"] for s in samples[name]]

@@ -9,9 +9,13 @@ file all release the GIL (``bench/client.py`` measures what is left). Loading ce
 memory in chunks on the loop instead was measured too: it holds the GIL, about 2 ms per 8
 certificates.
 
-The one long burst of CPU, loading the system's CA bundle (30-100 ms), runs in a further thread
-at a lower priority: without the GIL, but on a machine whose cores are busy the host's loop
-would otherwise queue for a core behind it. Only that thread is lowered, not the exchange's:
+Loading the system's CA bundle whole costs 30-150 ms of CPU (145 certificates on Debian);
+without the GIL, but on a machine whose cores are busy the host's loop queues for a core behind
+it (measured: dense multi-millisecond stalls while it loads). So when the system's CA directory
+is hashed for OpenSSL (``/etc/ssl/certs`` on Debian, Ubuntu, Alpine: the same roots as the
+bundle), the context uses the directory alone and OpenSSL reads the one root a handshake needs;
+only without such a directory, or when ``SSL_CERT_FILE`` names a file, is a bundle loaded,
+then in a further thread at a lower priority. Only that thread is lowered, not the exchange's:
 a low-priority thread that holds the GIL, even briefly, can keep the loop waiting for it.
 """
 
@@ -75,8 +79,10 @@ def tls_context(environ: Mapping[str, str], timeout: float) -> ssl.SSLContext:
     first call per setting loads the certificates in a low-priority thread.
     """
     paths = ssl.get_default_verify_paths()
-    cafile = environ.get(paths.openssl_cafile_env) or paths.openssl_cafile
+    cafile = environ.get(paths.openssl_cafile_env, "")
     capath = environ.get(paths.openssl_capath_env) or paths.openssl_capath
+    if not cafile and not _is_hashed_directory(capath):
+        cafile = paths.openssl_cafile
     context = _contexts.get((cafile, capath))
     if context is not None:
         return context
@@ -100,10 +106,28 @@ def tls_context(environ: Mapping[str, str], timeout: float) -> ssl.SSLContext:
     return outcome[0]
 
 
+def _is_hashed_directory(path: str) -> bool:
+    """True when ``path`` holds OpenSSL's hash links (``5ad8a5d6.0``): a directory it can look
+    roots up in by subject, reading only the one it needs."""
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                stem, dot, suffix = entry.name.partition(".")
+                if dot and len(stem) == 8 and suffix.isdigit() and _is_hex(stem):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
 def _new_context(cafile_setting: str, capath_setting: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
     context.set_alpn_protocols(["http/1.1"])
-    cafile = cafile_setting if os.path.isfile(cafile_setting) else None
+    cafile = cafile_setting if cafile_setting and os.path.isfile(cafile_setting) else None
     capath = capath_setting if os.path.isdir(capath_setting) else None
     if sys.platform == "win32" or not (cafile or capath):
         context.load_default_certs()  # the platform's own store
