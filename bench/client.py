@@ -56,32 +56,40 @@ import_ms = (time.perf_counter() - began) * 1e3
 
 async def main():
     worst = 0.0
+    ticks = 0
     stop = False
 
     async def ticker():
-        nonlocal worst
+        nonlocal worst, ticks
         while not stop:
             before = time.perf_counter()
             await asyncio.sleep(0.001)
             worst = max(worst, time.perf_counter() - before - 0.001)
+            ticks += 1
 
     task = asyncio.create_task(ticker())
     await asyncio.sleep(0.05)  # the ticker settles
     worst = 0.0
+    loop_cpu, all_cpu, ticks = time.thread_time(), time.process_time(), 0
     await asyncio.sleep(float(quiet))
+    tick_loop = (time.thread_time() - loop_cpu) / max(ticks, 1)  # the ticker's own CPU per tick
+    tick_all = (time.process_time() - all_cpu) / max(ticks, 1)
     quiet_worst, worst = worst, 0.0
     reporter = opa_telemetry.Reporter("Bench", "1.0.0", url=url, timeout=5.0, close_timeout=1.0)
+    loop_cpu, all_cpu, ticks = time.thread_time(), time.process_time(), 0
     began = time.perf_counter()
     reporter.start()
     start_us = (time.perf_counter() - began) * 1e6
     await asyncio.sleep(float(window))
+    loop_ms = (time.thread_time() - loop_cpu - ticks * tick_loop) * 1e3
+    all_ms = (time.process_time() - all_cpu - ticks * tick_all) * 1e3
     after_worst = worst
     stop = True
     await task
     await reporter.aclose()
     print(json.dumps({"quiet_ms": quiet_worst * 1e3, "stall_ms": after_worst * 1e3,
-                      "start_us": start_us, "import_ms": import_ms,
-                      "sent": reporter.reports_sent}))
+                      "start_us": start_us, "import_ms": import_ms, "loop_cpu_ms": loop_ms,
+                      "all_cpu_ms": all_ms, "sent": reporter.reports_sent}))
 
 if loop_name == "uvloop":
     import uvloop
@@ -281,14 +289,17 @@ def main() -> int:
             trees = {"before": client_tree(directory, args.baseline), **trees}
         context, trust = tls_material(directory, args.ca)
         names = list(trees)
-        print(f"{args.processes} fresh processes per scenario and tree (niceness {args.nice}, "
-              f"CA by {args.ca}); "
-              "stall = worst lateness "
-              f"of a 1 ms sleep in the {args.window:g} s after start(); quiet = the same in the "
-              f"{args.quiet:g} s before (the machine's noise); ms, median / max")  # fmt: skip
-        header = "| scenario | " + " | ".join(f"{n} stall" for n in names)
-        print(header + " | " + " | ".join(f"{n} quiet" for n in names) + " | sent |")
-        print("|---" * (2 + 2 * len(names)) + "|")
+        print(
+            f"{args.processes} fresh processes per scenario and tree (niceness {args.nice}, "
+            f"CA by {args.ca}); stall = worst lateness of a 1 ms sleep in the {args.window:g} s "
+            f"after start(); quiet = the same in the {args.quiet:g} s before (the machine's "
+            "noise); ms, median / max. CPU: ms the client added in that window, on the "
+            "loop's thread and in the whole process (medians, the ticker's CPU taken out)."
+        )
+        columns = [f"{n} stall" for n in names] + [f"{n} quiet" for n in names]
+        columns += [f"{n} loop CPU" for n in names] + [f"{n} all CPU" for n in names]
+        print("| scenario | " + " | ".join(columns) + " | sent |")
+        print("|---" * (2 + len(columns)) + "|")
         starts: dict[str, list[float]] = {name: [] for name in names}
         worst: dict[str, float] = dict.fromkeys(names, 0.0)
         with Servers(context) as servers:
@@ -299,7 +310,7 @@ def main() -> int:
                 for _ in range(args.processes):
                     for name in names:
                         samples[name].append(run_child(trees[name], child_args, trust, args.nice))
-                cells, quiet_cells, sent = [], [], []
+                cells, quiet_cells, loop_cells, all_cells, sent = [], [], [], [], []
                 for name in names:
                     stalls = [s["stall_ms"] for s in samples[name]]
                     quiets = [s["quiet_ms"] for s in samples[name]]
@@ -307,9 +318,15 @@ def main() -> int:
                     worst[name] = max(worst[name], max(stalls))
                     cells.append(f"{statistics.median(stalls):.2f} / {max(stalls):.2f}")
                     quiet_cells.append(f"{statistics.median(quiets):.2f} / {max(quiets):.2f}")
+                    loop_cells.append(
+                        f"{statistics.median(s['loop_cpu_ms'] for s in samples[name]):.1f}"
+                    )
+                    all_cells.append(
+                        f"{statistics.median(s['all_cpu_ms'] for s in samples[name]):.1f}"
+                    )
                     sent.append(str(sum(int(s["sent"]) for s in samples[name])))
                 scenario = f"{scheme} {preload} {loop} {server}"
-                row = [scenario, *cells, *quiet_cells, "/".join(sent)]
+                row = [scenario, *cells, *quiet_cells, *loop_cells, *all_cells, "/".join(sent)]
                 print("| " + " | ".join(row) + " |", flush=True)
         print()
         for name in names:

@@ -510,3 +510,28 @@ async def test_closing_a_reporter_mid_request_closes_its_connection_at_once() ->
         await asyncio.wait_for(accepted.wait(), 10)
         await reporter.aclose()
         await asyncio.wait_for(closed.wait(), 10)
+
+
+def test_system_roots_come_from_the_hashed_directory_without_parsing_the_bundle(
+    tmp_path: Path,
+) -> None:
+    """Where the system's CA directory is hashed for OpenSSL, the context looks roots up there
+    one by one instead of parsing the whole bundle (30-150 ms of CPU); a named SSL_CERT_FILE
+    is still loaded whole, and a directory without hash links is not taken for one."""
+    from opa_telemetry import offloop
+
+    (tmp_path / "README").write_text("no hash links here")
+    assert not offloop._is_hashed_directory(str(tmp_path))
+    (tmp_path / "5ad8a5d6.0").write_text("")
+    assert offloop._is_hashed_directory(str(tmp_path))
+
+    system_dir = ssl.get_default_verify_paths().openssl_capath
+    loaded = offloop.tls_context({}, 30).cert_store_stats()["x509_ca"]
+    if offloop._is_hashed_directory(system_dir):
+        assert loaded == 0  # nothing parsed up front: OpenSSL reads the one root it needs
+    else:
+        assert loaded > 0  # no such directory: the bundle it is
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    named = offloop.tls_context({"SSL_CERT_FILE": str(tmp_path / "ca.pem")}, 30)
+    assert named.cert_store_stats()["x509_ca"] == 1
