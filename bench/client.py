@@ -9,7 +9,7 @@ Each sample is a fresh Python process (a host app): it optionally imports aiohtt
 host that already uses it), imports ``opa_telemetry``, runs a loop (asyncio or uvloop) with a
 ticker that sleeps 1 ms and records how late each wake-up is, watches ``--quiet`` seconds with
 no client (the machine's own noise), calls ``Reporter.start()`` (timed) and watches
-``--window`` seconds more. A stall is the lateness of the worst wake-up. Scenarios: ``http://``
+``--window`` seconds more (0.4 s each). A stall is the lateness of the worst wake-up. Scenarios: ``http://``
 and ``https://``; aiohttp imported by the host or not; asyncio and uvloop; a local server that
 answers, one that refuses (no listener) and one that accepts and never answers (after the TLS
 handshake for https). The https servers' certificate comes from a CA made here (trustme),
@@ -261,7 +261,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=20, help="per scenario and tree")
     parser.add_argument("--baseline", metavar="REV", help="also run the client of this commit")
-    parser.add_argument("--quiet", type=float, default=0.1, help="seconds watched before start")
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=0.4,
+        help="seconds watched before start (as long as --window by default: both windows then "
+        "have the same chance to catch the machine's own hiccups)",
+    )
     parser.add_argument("--window", type=float, default=0.4, help="seconds watched after start")
     parser.add_argument("--only", default="", help="comma-separated words a scenario must have")
     parser.add_argument(
