@@ -13,10 +13,10 @@ no client (the machine's own noise), calls ``Reporter.start()`` (timed) and watc
 CPU columns are what the client added in the window, on the loop's thread and in the whole
 process. Scenarios: ``http://`` and ``https://``; aiohttp imported by the host or not;
 asyncio and uvloop; a local server that answers, one that refuses (no listener) and one that
-accepts and never answers (after the TLS handshake for https). The https servers' certificate comes from a CA made here (trustme),
-trusted next to the system's roots (``--ca``). With ``--baseline REV`` the client of that
-commit runs the same processes, interleaved one for one with this tree's, so that a shared
-machine's drift hits both alike. ``--nice -10`` (as root) shields the host processes from the
+accepts and never answers (after the TLS handshake for https). The https servers'
+certificate comes from a CA made here (trustme), trusted next to the system's roots
+(``--ca``). With ``--baseline REV`` the client of that commit runs the same processes,
+interleaved one for one with this tree's, so that a shared machine's drift hits both alike. ``--nice -10`` (as root) shields the host processes from the
 rest of a shared machine; both trees get the same.
 
 The import cost is ``python -X importtime -c "import asyncio, logging; import opa_telemetry"``
