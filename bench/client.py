@@ -5,18 +5,18 @@ time ``start()`` takes, and what ``import opa_telemetry`` adds. Before/after in 
     python bench/client.py --baseline fd6adb5      # side by side with the client at a commit
     python bench/client.py --processes 5 --only https  # a quick look at some scenarios
 
-Each sample is a fresh Python process (a host app): it optionally imports aiohttp first (a
-host that already uses it), imports ``opa_telemetry``, runs a loop (asyncio or uvloop) with a
-ticker that sleeps 1 ms and records how late each wake-up is, watches ``--quiet`` seconds with
-no client (the machine's own noise), calls ``Reporter.start()`` (timed) and watches
-``--window`` seconds more (0.4 s each). A stall is the lateness of the worst wake-up; the
-CPU columns are what the client added in the window, on the loop's thread and in the whole
-process. Scenarios: ``http://`` and ``https://``; aiohttp imported by the host or not;
-asyncio and uvloop; a local server that answers, one that refuses (no listener) and one that
-accepts and never answers (after the TLS handshake for https). The https servers'
-certificate comes from a CA made here (trustme), trusted next to the system's roots
-(``--ca``). With ``--baseline REV`` the client of that commit runs the same processes,
-interleaved one for one with this tree's, so that a shared machine's drift hits both alike. ``--nice -10`` (as root) shields the host processes from the
+Each sample is a fresh Python process (a host app): it optionally imports aiohttp first (a host
+that already uses it), imports ``opa_telemetry``, runs a loop (asyncio or uvloop) with a ticker
+that sleeps 1 ms and records how late each wake-up is, watches ``--quiet`` seconds with no
+client (the machine's own noise), calls ``Reporter.start()`` (timed) and watches ``--window``
+seconds more (0.4 s each). A stall is the lateness of the worst wake-up; the CPU columns are
+what the client added in the window, on the loop's thread and in the whole process. Scenarios:
+``http://`` and ``https://``; aiohttp imported by the host or not; asyncio and uvloop; a local
+server that answers, one that refuses (no listener) and one that accepts and never answers
+(after the TLS handshake for https). The https servers' certificate comes from a CA made here
+(trustme), trusted next to the system's roots (``--ca``). With ``--baseline REV`` the client of
+that commit runs the same processes, interleaved one for one with this tree's, so that a shared
+machine's drift hits both alike. ``--nice -10`` (as root) shields the host processes from the
 rest of a shared machine; both trees get the same.
 
 The import cost is ``python -X importtime -c "import asyncio, logging; import opa_telemetry"``
