@@ -10,7 +10,10 @@ Every real run is checked: the reports stored (the sum of per-instance report co
 database shard) must equal the 200s the load received. The load tester waits for its last
 answers, so there the two are equal; ``wrk`` stops with one request per connection in flight,
 which the server may have committed uncounted, so there 200s <= stored <= 200s + connections.
-A last pair of rows shows per-request commit (``--batch-size 1``) against group commit, and
+The "new-conn" rows send every request on a fresh TCP connection that the server closes after
+answering (the load tester's ``--new-connection``; ``wrk`` with ``Connection: close``), as a
+real fleet reports: each OPA once an hour, on a new connection. A last pair of rows shows
+per-request commit (``--batch-size 1``) against group commit, and
 the "skeleton" rows show the bare handler plus only a durable acknowledgement's waiting (no
 validation, no storage; ``bare_server.py --await-batch``) against the plain bare handler: the
 ceiling any server that answers after a commit reaches on this loop, before doing any work.
@@ -37,12 +40,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
 CONNECTIONS = (16, 64, 256)
+NEW_CONNECTION_CONNECTIONS = 64  # concurrent connect-send-close loops in the "new-conn" rows
 
 
 @dataclass
@@ -100,14 +105,16 @@ def real_command(port: int, workers: int, db: Path, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
-def loadtest(port: int, connections: int, duration: float) -> Measure:
+def loadtest(port: int, connections: int, duration: float, new_connection: bool = False) -> Measure:
+    """One load tester run; failures are counted, not fatal (exit 1 only if none succeeded)."""
     out = subprocess.run(
         [sys.executable, "-m", "opa_telemetry.loadtest", f"http://{HOST}:{port}",
          "--concurrency", str(connections), "--duration", str(duration),
-         "--instances", "20000", "--seed", "7", "--json", "-"],
+         "--instances", "20000", "--seed", "7", "--max-failure-ratio", "1", "--json", "-",
+         *(["--new-connection"] if new_connection else [])],
         capture_output=True, text=True, check=True, timeout=duration + 120,
     ).stdout  # fmt: skip
-    result = json.loads(out[out.index("{") :])
+    result = json.loads(out)  # stdout holds only the JSON
     latency = result["latency_ms"]
     return Measure(result["throughput_rps"], latency["p50"], latency["p99"],
                    result["reports_acknowledged"])  # fmt: skip
@@ -116,9 +123,10 @@ def loadtest(port: int, connections: int, duration: float) -> Measure:
 _WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(port: int, connections: int, duration: float) -> Measure:
+def wrk(port: int, connections: int, duration: float, new_connection: bool = False) -> Measure:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+         *(["-H", "Connection: close"] if new_connection else []),
          "-s", str(HERE / "wrk_report.lua"), f"http://{HOST}:{port}"],
         capture_output=True, text=True, check=True, timeout=duration + 60,
     ).stdout  # fmt: skip
@@ -223,13 +231,27 @@ def main() -> int:
         default=1,
         help="loads per row and server, alternated; medians are shown (1)",
     )
+    parser.add_argument(
+        "--new-connection-conns",
+        type=int,
+        default=NEW_CONNECTION_CONNECTIONS,
+        metavar="N",
+        help=f"concurrent loops in the new-conn rows ({NEW_CONNECTION_CONNECTIONS})",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
     args = parser.parse_args()
     if not 0 < args.duration <= 120:
         parser.error("--duration must be in (0, 120]")
     if not 1 <= args.repeat <= 9:
         parser.error("--repeat must be in [1, 9]")
-    tools = [("loadtest", loadtest)] + ([("wrk", wrk)] if shutil.which("wrk") else [])
+    tools: list[tuple[str, Callable[..., Measure]]] = [("loadtest", loadtest)]
+    if shutil.which("wrk"):
+        tools.append(("wrk", wrk))
+    # Each tool again, a new connection per request: (label, drive, connection counts).
+    loads = [(tool, drive, args.connections) for tool, drive in tools] + [
+        (f"{tool} new-conn", partial(drive, new_connection=True), [args.new_connection_conns])
+        for tool, drive in tools
+    ]
     print(f"machine: {machine()}")
     if args.server_arg:
         print(f"real server flags added: {' '.join(args.server_arg)}")
@@ -249,8 +271,8 @@ def main() -> int:
             with contextlib.ExitStack() as servers:
                 for name, command in commands.items():  # all up at once; an idle one costs nothing
                     servers.enter_context(running(command, ports[name]))
-                for tool, drive in tools:
-                    for connections in args.connections:
+                for tool, drive, connection_counts in loads:
+                    for connections in connection_counts:
                         label = f"{tool} w{workers} c{connections}"
                         medians, stored = measure_row(ports, list(commands), drive, connections,
                                                       args, db, label, problems)  # fmt: skip
@@ -287,7 +309,7 @@ def row(tool: str, workers: int, connections: int, bare: Measure, real: Measure,
 
 
 def print_table(rows: list[dict[str, Any]], tools: Sequence[tuple[str, Any]]) -> None:
-    print(f"\n{'load':<9}{'workers':>7}{'conns':>6}{'bare req/s':>12}{'real req/s':>12}"
+    print(f"\n{'load':<18}{'workers':>7}{'conns':>6}{'bare req/s':>12}{'real req/s':>12}"
           f"{'real/bare':>10}{'bare p50/p99 ms':>17}{'real p50/p99 ms':>17}{'p99 ratio':>10}"
           f"{'stored vs 200s':>17}")  # fmt: skip
     for r in rows:
@@ -295,7 +317,7 @@ def print_table(rows: list[dict[str, Any]], tools: Sequence[tuple[str, Any]]) ->
         extra = r["stored"] - x["ok"]
         check = ("yes" if extra == 0 else f"+{extra} in flight"
                  if 0 < extra <= x["in_flight_at_end"] else f"NO ({r['stored']})")  # fmt: skip
-        print(f"{r['tool']:<9}{r['workers']:>7}{r['connections']:>6}{b['rps']:>12,.0f}"
+        print(f"{r['tool']:<18}{r['workers']:>7}{r['connections']:>6}{b['rps']:>12,.0f}"
               f"{x['rps']:>12,.0f}{r['ratio']:>10.2f}{b['p50']:>9.2f}/{b['p99']:<7.2f}"
               f"{x['p50']:>9.2f}/{x['p99']:<7.2f}{r['p99_ratio']:>10.2f}{check:>17}")  # fmt: skip
 
@@ -308,7 +330,7 @@ def print_summary(rows: list[dict[str, Any]], commit: dict[str, Measure],
         for connections in args.connections:
             one, two = by.get((tool, 1, connections)), by.get((tool, 2, connections))
             if one and two:
-                print(f"{tool:<9} c{connections:<4} 2 workers / 1 worker: "
+                print(f"{tool:<18} c{connections:<4} 2 workers / 1 worker: "
                       f"bare {two['bare']['rps'] / one['bare']['rps']:.2f}x, "
                       f"real {two['real']['rps'] / one['real']['rps']:.2f}x")  # fmt: skip
     group, single = commit["group commit"], commit["per-request commit"]
@@ -328,7 +350,7 @@ def print_skeleton(rows: list[dict[str, Any]], skeleton: dict[tuple[str, int], M
     for (tool, connections), measure in skeleton.items():
         r = by.get((tool, connections))
         if r:
-            print(f"{tool:<9} c{connections:<4} skeleton {measure.rps:,.0f} req/s"
+            print(f"{tool:<18} c{connections:<4} skeleton {measure.rps:,.0f} req/s"
                   f" ({measure.rps / r['bare']['rps']:.2f} of bare, p99 {measure.p99:.2f} ms),"
                   f" real {r['ratio']:.2f} of bare")  # fmt: skip
 

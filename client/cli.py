@@ -62,8 +62,22 @@ def _print_latest(latest: LatestRelease) -> None:
         print(f"Latest Upstream Version: {latest.version}")
         print(f"Download: {latest.download}")
         print(f"Release Notes: {latest.release_notes}")
+        _print_advisories(latest)
     else:
         print("The service knows no release of this product.", file=sys.stderr)
+
+
+def _print_advisories(latest: LatestRelease) -> None:
+    """After OPA's three lines (unchanged), what the service says about this version."""
+    support = latest.support
+    if support is not None and support.status != "supported":
+        detail = support.reason or (f"below {support.min_version}" if support.min_version else "")
+        notice = f" ({support.notice})" if support.notice else ""
+        print(f"Support: {support.status}{f': {detail}' if detail else ''}{notice}")
+    for a in latest.advisories:
+        fixed = f", fixed in {a.fixed}" if a.fixed else ""
+        print(f"Advisory: {a.id} ({a.severity or 'severity unknown'}{fixed}) {a.summary}"
+              f"{f' {a.url}' if a.url else ''}")  # fmt: skip
 
 
 def _check(args: argparse.Namespace) -> int:

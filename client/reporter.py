@@ -24,6 +24,9 @@ from .transport import post_report
 
 logger = logging.getLogger(__name__)
 
+# Each advisory is logged once per process (per product and version), not at every report.
+_ADVISORIES_LOGGED: set[tuple[str, str, str]] = set()
+
 OnLatest = Callable[[LatestRelease], Awaitable[None] | None]
 
 
@@ -241,6 +244,17 @@ class Reporter:
                              failures, exc, exc_info=True)  # fmt: skip
 
     async def _deliver(self, latest: LatestRelease) -> None:
+        for advisory in latest.advisories:
+            if (self.product, self.version, advisory.id) not in _ADVISORIES_LOGGED:
+                _ADVISORIES_LOGGED.add((self.product, self.version, advisory.id))
+                logger.log(
+                    logging.WARNING if advisory.serious else logging.INFO,
+                    "%s %s is affected by security advisory %s (%s): %s; fixed in %s; %s",
+                    self.product, self.version, advisory.id,
+                    advisory.severity or "severity unknown", advisory.summary,
+                    advisory.fixed or "no release yet", advisory.url or "",
+                    extra={"advisory": advisory.id, "severity": advisory.severity},
+                )  # fmt: skip
         if not latest.up_to_date and latest.latest_release:
             logger.info(
                 "%s is out of date: current_version=%s latest_version=%s download=%s"

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "main"]
 
-_SERVER_DEPENDENCIES = ("aiohttp", "aiosqlite", "packaging")
+_SERVER_DEPENDENCIES = ("aiohttp", "aiosqlite", "packaging", "prometheus_client")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

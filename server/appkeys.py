@@ -11,6 +11,8 @@ from aiohttp import web
 from .catalog import CatalogCache
 from .codec import JsonCodec
 from .ingest import Ingest
+from .insights import Aggregator
+from .metrics import ProcessMetrics, RequestTally
 from .ratelimit import RateLimiter
 from .settings import Settings
 from .storage import Storage
@@ -19,6 +21,8 @@ SETTINGS = web.AppKey("settings", Settings)
 CODEC = web.AppKey("codec", JsonCodec)
 REPOS = web.AppKey("repos", dict[str, str])
 STORAGE = web.AppKey("storage", Storage)
+# Requests answered per (route, status), bumped by the handlers, read by the metrics.
+REQUESTS = web.AppKey("requests", RequestTally)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,19 @@ class Intake:
     extra_max_bytes: int
     max_body_bytes: int
     read_timeout: float
+    requests: RequestTally  # the app's REQUESTS tally
 
 
 INTAKE = web.AppKey("intake", Intake)
+
+
+@dataclass(frozen=True, slots=True)
+class Insights:
+    """The read side: statistics, products and metrics."""
+
+    reader: Storage  # a connection of its own, so reads never queue behind the writer
+    metrics: ProcessMetrics
+    aggregator: Aggregator | None  # the worker that keeps the aggregates (worker 0)
+
+
+INSIGHTS = web.AppKey("insights", Insights)

@@ -2,7 +2,8 @@
 
 The only module that reads ``sys.argv`` or ``os.environ``. Every ``serve`` flag comes from a
 :class:`Settings` field and can also be set by its env var (``OPA_TELEMETRY_SERVER_<NAME>``);
-a flag beats the env var, which beats the default.
+a flag beats the env var, which beats the default. The web stack (aiohttp, the app) is
+imported only by the commands that need it, so that ``stats`` and ``releases`` start fast.
 """
 
 from __future__ import annotations
@@ -14,30 +15,41 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.queues
 import os
-import queue
 import signal
 import socket
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import asdict, fields, replace
-from datetime import UTC, date, datetime, timedelta
+from dataclasses import fields, replace
+from datetime import UTC, date, datetime
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import __version__
-from .app import create_app, open_storage, prepare_database, purge_expired, runner_options
-from .errors import CatalogError, TelemetryError, UsageError
-from .http_errors import ACCESS_LOG_FORMAT
-from .protocol import DEFAULT_PRODUCT
-from .releases import Release, release_from_mapping, releases_from_json
+from .advisories import advisories_from_json
+from .catalog import Catalog, load_catalog
+from .database import open_storage
+from .errors import CatalogError, QueryError, SyncError, TelemetryError, UsageError
+from .insights import (
+    DEFAULT_DAYS,
+    MAX_DAYS,
+    parse_stats_query,
+    products_document,
+    stats_document,
+    utc_today,
+)
+from .protocol import DEFAULT_PRODUCT, product_slug
+from .releases import check_url, release_from_mapping, releases_from_json
 from .settings import Settings, env_name
-from .storage import Day, PurgeResult, Stats, Storage, existing_shards
+from .storage import ProductCounts, PurgeResult, Storage
+from .tls import server_tls_context
+
+if TYPE_CHECKING:
+    from .sync import SyncResult
+from .versions import VersionError, parse_version
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,28 +129,33 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
 
     def catalog_command(name: str, help: str, run: Callable[[argparse.Namespace], int]) -> Any:
-        command = actions.add_parser(name, help=help)
+        command = actions.add_parser(name, help=help, description=help)
         add_settings_flags(command, environ, STORAGE_SETTINGS)
-        command.add_argument("--product", default=DEFAULT_PRODUCT, help="product (default: opa)")
+        _add_product_flag(command)
         command.set_defaults(run=run)
         return command
 
     listing = catalog_command("list", "list releases, newest first", _run_releases_list)
     listing.add_argument("--json", action="store_true", help="print JSON")
 
-    latest = catalog_command("latest", "print the latest release", _run_releases_latest)
+    latest = catalog_command(
+        "latest", "print the release offered as latest (after pin, yanks and rollouts)",
+        _run_releases_latest,
+    )  # fmt: skip
     latest.add_argument("--json", action="store_true", help="print JSON")
 
     add = catalog_command("add", "add one release", _run_releases_add)
     add.add_argument("tag", help="release tag, e.g. v1.21.0")
-    add.add_argument("--notes", help="release notes URL (default: OPA's GitHub release page)")
     add.add_argument(
-        "--asset",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="asset name (opa_linux_amd64) or full URL; repeat for each",
-    )
+        "--notes", metavar="URL",
+        help="release notes URL (required except for opa, whose default is its GitHub page)",
+    )  # fmt: skip
+    add.add_argument(
+        "--asset", action="append", default=[], metavar="ASSET",
+        help="a full URL whose file name ends in _<os>_<arch> (myapp_linux_amd64.tar.gz),"
+        " OS/ARCH=URL to give the platform, or for opa a bare name (opa_linux_amd64);"
+        " repeat for each",
+    )  # fmt: skip
     add.add_argument("--published", help="release date, YYYY-MM-DD (default: today)")
     add.add_argument("--prerelease", action="store_true", help="never offer it as latest")
     add.add_argument("--replace", action="store_true", help="overwrite an existing tag")
@@ -146,21 +163,113 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     imports = catalog_command(
         "import", "add or update releases from a JSON file", _run_releases_import
     )
-    imports.add_argument("file", type=Path, help="JSON array in the bundled catalog's shape")
+    imports.add_argument(
+        "file",
+        help="JSON file ('-' reads standard input): an array or one object, in the bundled"
+        " catalog's shape or GitHub's release JSON (drafts are skipped)",
+    )
 
     remove = catalog_command("remove", "remove one release", _run_releases_remove)
     remove.add_argument("tag")
 
-    stats = commands.add_parser("stats", help="instances per version and platform")
-    add_settings_flags(stats, environ, STORAGE_SETTINGS)
-    stats.add_argument("--product", default=DEFAULT_PRODUCT, help="product (default: opa)")
-    stats.add_argument("--days", type=positive_int, default=7, help="last N UTC days (7)")
-    stats.add_argument("--json", action="store_true", help="print JSON")
+    sync = actions.add_parser(
+        "sync", help="add and update releases from GitHub's release list (or another server's)"
+    )
+    add_settings_flags(sync, environ, (*STORAGE_SETTINGS, *SYNC_SETTINGS))
+    for alias, name in SYNC_ALIASES.items():  # the short spellings of the sync_* settings
+        kind = type(Settings.__dataclass_fields__[name].default)
+        if kind is bool:
+            sync.add_argument(alias, dest=name, action="store_true", default=argparse.SUPPRESS,
+                              help=f"same as --{name.replace('_', '-')}")  # fmt: skip
+        else:
+            sync.add_argument(alias, dest=name, type=_settings_type(kind),
+                              default=argparse.SUPPRESS,
+                              help=f"same as --{name.replace('_', '-')}")  # fmt: skip
+    sync.set_defaults(run=_run_releases_sync)
+
+    catalog_command("status", "show the policy and the last sync", _run_releases_status)
+
+    pin = catalog_command("pin", "announce nothing newer than TAG", _run_releases_pin)
+    pin.add_argument("tag")
+    catalog_command("unpin", "announce the newest release again", _run_releases_unpin)
+
+    yank = catalog_command(
+        "yank", "never offer TAG; tell instances running it to move", _run_releases_yank
+    )
+    yank.add_argument("tag")
+    yank.add_argument("--reason", default="", help="why, shown to instances running it")
+    unyank = catalog_command("unyank", "offer TAG again", _run_releases_unyank)
+    unyank.add_argument("tag")
+
+    rollout = catalog_command(
+        "rollout", "offer TAG to PERCENT of instances (100: everyone)", _run_releases_rollout
+    )
+    rollout.add_argument("tag")
+    rollout.add_argument("percent", type=_percent, help="0 to 100")
+
+    support = catalog_command(
+        "support", "tell instances below a version that it is unsupported", _run_releases_support
+    )
+    group = support.add_mutually_exclusive_group(required=True)
+    group.add_argument("--min-version", metavar="VERSION", help="lowest supported version")
+    group.add_argument("--clear", action="store_true", help="remove the minimum version")
+    support.add_argument("--notice", metavar="URL", help="a page explaining the support policy")
+
+    advisories = commands.add_parser("advisories", help="manage security advisories (OSV)")
+    advisory_actions = advisories.add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+
+    def advisory_command(name: str, help: str, run: Callable[[argparse.Namespace], int]) -> Any:
+        command = advisory_actions.add_parser(name, help=help, description=help)
+        add_settings_flags(command, environ, STORAGE_SETTINGS)
+        _add_product_flag(command)
+        command.set_defaults(run=run)
+        return command
+
+    advisory_import = advisory_command(
+        "import", "add or replace advisories from OSV JSON", _run_advisories_import
+    )
+    advisory_import.add_argument(
+        "file", help="a JSON array of OSV records (or one record); '-' reads standard input"
+    )
+    advisory_list = advisory_command("list", "list advisories", _run_advisories_list)
+    advisory_list.add_argument("--json", action="store_true", help="print the OSV records")
+    advisory_remove = advisory_command("remove", "remove one advisory", _run_advisories_remove)
+    advisory_remove.add_argument("id")
+
+    stats = commands.add_parser(
+        "stats", help="fleet statistics: instances per day, version and platform"
+    )
+    add_settings_flags(stats, environ, (*STORAGE_SETTINGS, "min_group_size"))
+    _add_product_flag(stats)
     stats.add_argument(
-        "--daily", action="store_true",
-        help="instances and reports per day, including days already rolled up by retention",
+        "--days", type=positive_int, default=DEFAULT_DAYS,
+        help=f"the last N UTC days, today included (1-{MAX_DAYS}; default {DEFAULT_DAYS})",
+    )  # fmt: skip
+    stats.add_argument(
+        "--json", action="store_true", help="print the JSON document GET /v1/stats answers"
+    )
+    stats.add_argument("--daily", action="store_true", help="print one line per day")
+    stats.add_argument(
+        "--refresh", action="store_true",
+        help="first bring the aggregates up to date from new reports (the server does this"
+        " every --stats-interval seconds and when it stops)",
+    )  # fmt: skip
+    stats.add_argument(
+        "--public", action="store_true",
+        help="what anyone sees with --public-stats: groups under --min-group-size as 'other'",
     )  # fmt: skip
     stats.set_defaults(run=_run_stats)
+
+    products = commands.add_parser(
+        "products", help="the products the server knows, with release and report counts"
+    )
+    add_settings_flags(products, environ, STORAGE_SETTINGS)
+    products.add_argument(
+        "--json", action="store_true", help="print the JSON document GET /v1/products answers"
+    )
+    products.set_defaults(run=_run_products)
 
     purge = commands.add_parser(
         "purge", help="roll up and delete raw rows older than the retention period"
@@ -173,11 +282,64 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="only print what would be rolled up and deleted"
     )
     purge.set_defaults(run=_run_purge)
+
+    backup = commands.add_parser(
+        "backup", help="copy the database and its worker shards, safely while the server runs"
+    )
+    add_settings_flags(backup, environ, STORAGE_SETTINGS)
+    backup.add_argument(
+        "dest", type=Path, metavar="DEST",
+        help="file (or folder) for the copy of the database; shard copies go beside it",
+    )  # fmt: skip
+    backup.add_argument("--force", action="store_true", help="overwrite an existing copy")
+    backup.set_defaults(run=_run_backup)
     return parser
 
 
+# prometheus-client's switch to multiprocess mode: the directory the workers share.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 # The settings every command that opens the database reads.
 STORAGE_SETTINGS = ("db", "busy_timeout", "synchronous")
+SYNC_SETTINGS = (
+    "sync_product",
+    "sync_repo",
+    "sync_api_url",
+    "sync_include_prereleases",
+    "sync_prune",
+    "sync_token",
+)
+SYNC_ALIASES = {
+    "--product": "sync_product",
+    "--repo": "sync_repo",
+    "--api-url": "sync_api_url",
+    "--include-prereleases": "sync_include_prereleases",
+    "--prune": "sync_prune",
+}
+GITHUB_TOKEN_ENV = "GITHUB_TOKEN"  # noqa: S105 - the variable's name, not a token
+
+
+def product_name(text: str) -> str:
+    """An argparse ``type`` for ``--product``: the product's slug (``OtherApp`` ->
+    ``otherapp``), made by the same function as a User-Agent's, so names match
+    case-insensitively everywhere."""
+    slug = product_slug(text)
+    if not slug:
+        raise argparse.ArgumentTypeError(f"expected a product name, not {text!r}")
+    return slug
+
+
+def _add_product_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--product", type=product_name, default=DEFAULT_PRODUCT,
+        help="product (default: opa); compared case-insensitively, as its slug",
+    )  # fmt: skip
+
+
+def _percent(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 100, not {text!r}")
+    return int(text)
 
 
 class _FromEnv:
@@ -292,7 +454,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    settings = with_github_token(settings_from_args(args), os.environ)
     _configure_logging(settings)
     if settings.workers > 1:
         return _supervise(settings)
@@ -315,6 +477,9 @@ def _supervise(settings: Settings) -> int:
     every worker exited cleanly after SIGINT/SIGTERM, 1 if one died on its own (the others are
     then stopped too, so a process manager can restart the whole server).
     """
+    from .app import aggregate_now, prepare_database
+
+    server_tls_context(settings)  # each worker loads its own; a bad file stops us here, once
     asyncio.run(prepare_database(settings))
     reserved = None
     if settings.port == 0:  # pick the port here so that every worker binds the same one
@@ -322,10 +487,18 @@ def _supervise(settings: Settings) -> int:
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reserved.bind((settings.host, 0))
         settings = replace(settings, port=reserved.getsockname()[1])
+    # One private directory where every worker's metrics live, so that a scrape of any worker
+    # adds up all of them (prometheus-client's multiprocess mode reads it from the environment
+    # the spawned workers inherit, before their first import of it).
+    metrics_dir = tempfile.TemporaryDirectory(prefix="opa-telemetry-metrics-")
+    previous_env = os.environ.get(MULTIPROCESS_ENV)
+    os.environ[MULTIPROCESS_ENV] = metrics_dir.name
     context = multiprocessing.get_context("spawn")
-    ready = context.Queue()
+    # One pipe per worker for its "listening" (or why it could not start): no lock shared
+    # between processes, so a worker stopped at any moment cannot block another's message.
+    pipes = [context.Pipe(duplex=False) for _ in range(settings.workers)]
     workers = [
-        context.Process(target=_worker, args=(settings, index, ready),
+        context.Process(target=_worker, args=(settings, index, pipes[index][1], metrics_dir.name),
                         name=f"worker{index}", daemon=True)
         for index in range(settings.workers)
     ]  # fmt: skip
@@ -336,23 +509,28 @@ def _supervise(settings: Settings) -> int:
         stopping = True
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    started = 0
     try:
         for worker in workers:
             worker.start()
+        for _, sender in pipes:
+            sender.close()  # the worker holds its end; ours would hide its exit from recv()
+        waiting = {receiver: index for index, (receiver, _) in enumerate(pipes)}
         started = 0
-        while started < len(workers) and not stopping:
-            try:
-                news = ready.get(timeout=0.2)
+        while waiting and not stopping:
+            readable = multiprocessing.connection.wait(list(waiting), timeout=0.2)
+            for receiver in [r for r in waiting if r in readable]:
+                index = waiting.pop(receiver)
+                try:
+                    news = receiver.recv()
+                except EOFError:
+                    news = f"worker {index} exited while starting"
                 if isinstance(news, str):  # a worker could not start, and says why
                     _stop_workers(workers, settings, code=1)
                     raise TelemetryError(news)
                 started += 1
-            except queue.Empty:
-                if any(not w.is_alive() for w in workers):
-                    logger.error("a worker failed to start")
-                    return _stop_workers(workers, settings, code=1)
         if started == len(workers):
-            _print_ready(f"http://{settings.host}:{settings.port}{settings.prefix}")
+            _print_ready(f"{_scheme(settings)}://{settings.host}:{settings.port}{settings.prefix}")
         while not stopping:
             multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.5)
             if not stopping and any(not w.is_alive() for w in workers):
@@ -364,6 +542,17 @@ def _supervise(settings: Settings) -> int:
             signal.signal(sig, handler)
         if reserved is not None:
             reserved.close()
+        if previous_env is None:
+            os.environ.pop(MULTIPROCESS_ENV, None)
+        else:
+            os.environ[MULTIPROCESS_ENV] = previous_env
+        metrics_dir.cleanup()
+        if started == len(workers):
+            # Every worker has drained: the aggregates now include each acknowledged report.
+            try:
+                asyncio.run(aggregate_now(settings, migrate=False))
+            except Exception as exc:  # noqa: BLE001 - the server has stopped; say so and go
+                logger.warning("statistics aggregation after the workers stopped: %s", exc)
 
 
 def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int) -> int:
@@ -382,16 +571,26 @@ def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int)
     return code
 
 
-def _worker(settings: Settings, index: int, ready: multiprocessing.queues.Queue[int | str]) -> None:
-    """One worker process: serve on the shared port until SIGTERM (or SIGINT). It reports
-    its index once it listens, or the one-line reason it could not start."""
+def _worker(
+    settings: Settings,
+    index: int,
+    ready: multiprocessing.connection.Connection,
+    metrics_dir: str,
+) -> None:
+    """One worker process: serve on the shared port until SIGTERM (or SIGINT). It sends its
+    index once it listens, or the one-line reason it could not start."""
     _configure_logging(settings)
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
-            runner.run(serve(settings, lambda _: ready.put(index), worker=index, reuse_port=True))
+            runner.run(
+                serve(settings, lambda _: ready.send(index), worker=index, reuse_port=True,
+                      metrics_dir=metrics_dir)
+            )  # fmt: skip
     except (TelemetryError, OSError) as exc:
-        ready.put(f"worker {index}: {_describe(exc)}")
+        ready.send(f"worker {index}: {_describe(exc)}")
         sys.exit(1)
+    finally:
+        ready.close()
 
 
 def _loop_factory(fast: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -411,11 +610,18 @@ async def serve(
     *,
     worker: int = 0,
     reuse_port: bool = False,
+    metrics_dir: str | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting, drain the queue and return.
 
-    ``ready`` receives the base URL once the socket listens (default: print it).
+    ``ready`` receives the base URL once the socket listens (default: print it): ``https://``
+    when ``settings`` name a TLS certificate (raises :class:`TlsError` if it cannot be used).
     """
+    from aiohttp import web
+
+    from .app import create_app, runner_options
+
+    tls = server_tls_context(settings)  # before anything else: a bad file is a one-line error
     # Handlers first: a SIGTERM that arrives while we start (or right after "listening") must
     # still mean "drain and exit 0", never the default of dying on the spot.
     stop = asyncio.Event()
@@ -423,21 +629,22 @@ async def serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        app = create_app(settings, worker=worker)
+        app = create_app(settings, worker=worker, metrics_dir=metrics_dir)
         runner = web.AppRunner(
             app,
             handle_signals=False,
-            access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-            access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=settings.shutdown_timeout,
             **runner_options(settings),
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+            site = web.TCPSite(
+                runner, settings.host, settings.port, ssl_context=tls,
+                reuse_port=reuse_port or None,
+            )  # fmt: skip
             await site.start()
             host, port = runner.addresses[0][:2]
-            (ready or _print_ready)(f"http://{host}:{port}{settings.prefix}")
+            (ready or _print_ready)(f"{_scheme(settings)}://{host}:{port}{settings.prefix}")
             await stop.wait()
             logger.info("shutting down: finishing in-flight requests")
         finally:
@@ -446,6 +653,10 @@ async def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     logger.info("stopped")
+
+
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.tls_cert else "http"
 
 
 def _print_ready(url: str) -> None:
@@ -469,27 +680,37 @@ def _with_storage(args: argparse.Namespace, work: Callable[[Storage], Coroutine[
     return asyncio.run(run())
 
 
-def _release_json(release: Release) -> dict[str, Any]:
-    return {
-        "tag": release.tag,
-        "published": release.published.isoformat() if release.published else None,
-        "release_notes": release.release_notes,
-        "assets": list(release.assets),
-        "prerelease": release.prerelease,
-    }
+def _catalog(args: argparse.Namespace) -> Catalog:
+    return _with_storage(args, load_catalog)
+
+
+def _warn_if_unknown(catalog: Catalog, product: str) -> None:
+    if not catalog.releases(product):
+        known = ", ".join(sorted(catalog.products())) or "none"
+        print(f"warning: no releases of {product} (products with releases: {known})",
+              file=sys.stderr)  # fmt: skip
 
 
 def _run_releases_list(args: argparse.Namespace) -> int:
-    async def work(storage: Storage) -> Sequence[Release]:
-        return (await storage.load_catalog()).releases(args.product)
-
-    releases = _with_storage(args, work)
+    catalog = _catalog(args)
+    releases = catalog.releases(args.product)
+    _warn_if_unknown(catalog, args.product)
+    policy = catalog.policy(args.product)
     if args.json:
-        print(json.dumps([_release_json(r) for r in releases], indent=1))
+        print(json.dumps([r.to_json() for r in releases], indent=1))
         return 0
     print(f"{'TAG':<16} {'PUBLISHED':<10}  ASSETS")
     for r in releases:
-        flag = " (pre-release)" if r.prerelease else ""
+        notes = []
+        if r.prerelease:
+            notes.append("pre-release")
+        if r.tag in policy.yanked:
+            notes.append("yanked")
+        if r.tag in policy.rollouts:
+            notes.append(f"rollout {policy.rollouts[r.tag]}%")
+        if r.tag == policy.pinned:
+            notes.append("pinned")
+        flag = f" ({', '.join(notes)})" if notes else ""
         day = r.published.isoformat() if r.published else "-"
         print(f"{r.tag:<16} {day:<10}  {len(r.assets)}{flag}")
     print(f"{len(releases)} releases of {args.product}")
@@ -497,43 +718,58 @@ def _run_releases_list(args: argparse.Namespace) -> int:
 
 
 def _run_releases_latest(args: argparse.Namespace) -> int:
-    async def work(storage: Storage) -> Release | None:
-        return (await storage.load_catalog()).latest(args.product)
-
-    release = _with_storage(args, work)
+    catalog = _catalog(args)
+    release = catalog.latest(args.product)
     if release is None:
-        print(f"error: no release of {args.product} in the catalog", file=sys.stderr)
-        return 1
-    print(json.dumps(_release_json(release), indent=1) if args.json else release.tag)
+        _warn_if_unknown(catalog, args.product)
+        raise CatalogError(f"no release of {args.product} is offered")
+    print(json.dumps(release.to_json(), indent=1) if args.json else release.tag)
     return 0
+
+
+def _asset_argument(text: str) -> str | dict[str, str]:
+    """``--asset``: a name or URL as is; ``OS/ARCH=URL`` as an explicit-platform asset."""
+    platform, sep, url = text.partition("=")
+    if sep and "/" in platform and "://" not in platform:
+        os_name, _, arch = platform.partition("/")
+        return {"url": url, "os": os_name, "arch": arch}
+    return text
 
 
 def _run_releases_add(args: argparse.Namespace) -> int:
-    entry = {
+    entry: dict[str, Any] = {
         "tag": args.tag,
-        "release_notes": args.notes,
-        "assets": args.asset,
+        "assets": [_asset_argument(a) for a in args.asset],
         "published": args.published or date.today().isoformat(),
         "prerelease": args.prerelease,
     }
-    release = release_from_mapping(entry)
+    if args.notes is not None:
+        entry["release_notes"] = args.notes
+    release = release_from_mapping(entry, args.product)
 
-    async def work(storage: Storage) -> None:
-        await storage.add_release(args.product, release, replace=args.replace)
+    async def work(storage: Storage) -> bool:
+        return await storage.add_release(args.product, release, replace=args.replace)
 
-    _with_storage(args, work)
-    print(f"added {args.product} {release.tag}")
+    added = _with_storage(args, work)
+    print(f"{'added' if added else 'replaced'} {args.product} {release.tag}")
     return 0
 
 
+def _read_input(name: str) -> bytes:
+    """A file's bytes, or standard input's for ``-``."""
+    return sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+
+
 def _run_releases_import(args: argparse.Namespace) -> int:
-    releases = releases_from_json(args.file.read_bytes())
+    parsed = releases_from_json(_read_input(args.file), args.product)
 
     async def work(storage: Storage) -> tuple[int, int]:
-        return await storage.import_releases(args.product, releases)
+        return await storage.import_releases(args.product, parsed.releases)
 
     added, updated = _with_storage(args, work)
-    print(f"{args.product}: {added} added, {updated} updated, {len(releases)} read")
+    drafts = f", {parsed.drafts_skipped} drafts skipped" if parsed.drafts_skipped else ""
+    print(f"{args.product}: {added} added, {updated} replaced,"
+          f" {len(parsed.releases)} read{drafts}")  # fmt: skip
     return 0
 
 
@@ -547,19 +783,182 @@ def _run_releases_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_daily(args: argparse.Namespace, since: str) -> int:
-    shards = existing_shards(settings_from_args(args).db)
+def with_github_token(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """``settings`` with the sync token from ``$GITHUB_TOKEN`` when the setting has none."""
+    if settings.sync_token or not environ.get(GITHUB_TOKEN_ENV):
+        return settings
+    return replace(settings, sync_token=environ[GITHUB_TOKEN_ENV])
 
-    async def work(storage: Storage) -> list[Day]:
-        return await storage.daily(args.product, since, shards)
 
-    days = _with_storage(args, work)
-    if args.json:
-        print(json.dumps([asdict(day) for day in days], indent=1))
+def _run_releases_sync(args: argparse.Namespace) -> int:
+    from .sync import sync_product, sync_target  # an HTTP client: imported only to sync
+
+    settings = with_github_token(settings_from_args(args), os.environ)
+    target = sync_target(settings)
+
+    async def work(storage: Storage) -> SyncResult:
+        return await sync_product(storage, target)
+
+    try:
+        result = _with_storage(args, work)
+    except SyncError as exc:
+        raise SyncError(f"sync of {target.product} from {target.source} failed: {exc}") from None
+    print(result.describe(target.product))
+    return 0
+
+
+def _when(at: int | None) -> str:
+    if at is None:
+        return "never"
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _run_releases_status(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> tuple[Catalog, Any]:
+        return await load_catalog(storage), await storage.sync_state(args.product)
+
+    catalog, state = _with_storage(args, work)
+    product = args.product
+    policy = catalog.policy(product)
+    latest = catalog.latest(product)
+    print(f"product:      {product}")
+    print(f"releases:     {len(catalog.releases(product))}")
+    print(f"latest:       {latest.tag if latest else '-'} (offered to callers without an id)")
+    print(f"pinned:       {policy.pinned or '-'}")
+    print(f"min version:  {policy.min_version.text if policy.min_version else '-'}")
+    print(f"notice:       {policy.notice or '-'}")
+    for tag, reason in sorted(policy.yanked.items()):
+        print(f"yanked:       {tag}{f' ({reason})' if reason else ''}")
+    for tag, percent in sorted(policy.rollouts.items()):
+        print(f"rollout:      {tag} at {percent}%")
+    print(f"advisories:   {len(catalog.advisories(product))}")
+    if state is None:
+        print("last sync:    never")
         return 0
-    print(f"{'DAY (UTC)':<12} {'INSTANCES':>9} {'REPORTS':>9}  SOURCE")
-    for day in days:
-        print(f"{day.day:<12} {day.instances:>9} {day.reports:>9}  {day.source}")
+    print(f"sync source:  {state.source}")
+    print(f"last attempt: {_when(state.last_attempt_at)}")
+    print(f"last success: {_when(state.last_success_at)}")
+    print(f"etag:         {state.etag or '-'}")
+    if state.last_error:
+        print(f"last error:   {_when(state.last_error_at)}: {state.last_error}")
+    if state.retry_after_at:
+        print(f"retry after:  {_when(state.retry_after_at)}")
+    return 0
+
+
+def _require_release(storage_catalog: Catalog, product: str, tag: str) -> None:
+    if not any(r.tag == tag for r in storage_catalog.releases(product)):
+        raise CatalogError(f"{product} {tag} is not in the catalog")
+
+
+def _run_releases_pin(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> None:
+        _require_release(await load_catalog(storage), args.product, args.tag)
+        await storage.set_product_policy(args.product, pinned_tag=args.tag)
+
+    _with_storage(args, work)
+    print(f"pinned {args.product} to {args.tag}: nothing newer is announced")
+    return 0
+
+
+def _run_releases_unpin(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> None:
+        await storage.set_product_policy(args.product, pinned_tag=None)
+
+    _with_storage(args, work)
+    print(f"unpinned {args.product}: the newest release is announced")
+    return 0
+
+
+def _run_releases_yank(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> bool:
+        return await storage.set_release_policy(
+            args.product, args.tag, yanked=True, reason=args.reason
+        )
+
+    changed = _with_storage(args, work)
+    print(f"yanked {args.product} {args.tag}" + ("" if changed else " (already yanked)"))
+    return 0
+
+
+def _run_releases_unyank(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> bool:
+        return await storage.set_release_policy(args.product, args.tag, yanked=False)
+
+    changed = _with_storage(args, work)
+    print(f"unyanked {args.product} {args.tag}" + ("" if changed else " (was not yanked)"))
+    return 0
+
+
+def _run_releases_rollout(args: argparse.Namespace) -> int:
+    percent = None if args.percent == 100 else args.percent
+
+    async def work(storage: Storage) -> bool:
+        return await storage.set_release_policy(args.product, args.tag, rollout_percent=percent)
+
+    _with_storage(args, work)
+    print(f"{args.product} {args.tag} is offered to {args.percent}% of instances")
+    return 0
+
+
+def _run_releases_support(args: argparse.Namespace) -> int:
+    minimum = None
+    if args.min_version is not None:
+        try:
+            minimum = parse_version(args.min_version).text
+        except VersionError as exc:
+            raise UsageError(
+                f"--min-version: {args.min_version!r} is not a version ({exc})"
+            ) from None
+    notice = None
+    if args.notice is not None:
+        try:
+            notice = check_url(args.notice)
+        except ValueError as exc:
+            raise UsageError(f"--notice: {exc}") from None
+
+    async def work(storage: Storage) -> None:
+        await storage.set_product_policy(args.product, min_version=minimum, support_notice=notice)
+
+    _with_storage(args, work)
+    if minimum is None:
+        print(f"{args.product}: no minimum supported version")
+    else:
+        print(f"{args.product}: versions below {minimum} are told they are unsupported")
+    return 0
+
+
+def _run_advisories_import(args: argparse.Namespace) -> int:
+    advisories = advisories_from_json(_read_input(args.file))
+
+    async def work(storage: Storage) -> tuple[int, int]:
+        return await storage.import_advisories(args.product, advisories)
+
+    added, updated = _with_storage(args, work)
+    print(f"{args.product}: {added} advisories added, {updated} replaced, {len(advisories)} read")
+    return 0
+
+
+def _run_advisories_list(args: argparse.Namespace) -> int:
+    advisories = _catalog(args).advisories(args.product)
+    if args.json:
+        print(json.dumps([a.record for a in advisories], indent=1))
+        return 0
+    print(f"{'ID':<22} {'SEVERITY':<9} {'FIXED':<16} SUMMARY")
+    for a in advisories:
+        fixed = ", ".join(sorted({e[2] for r in a.ranges for e in r.events if e[0] == "fixed"}))
+        print(f"{a.id:<22} {a.severity or '-':<9} {fixed or '-':<16} {a.summary[:70]}")
+    print(f"{len(advisories)} advisories of {args.product}")
+    return 0
+
+
+def _run_advisories_remove(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> bool:
+        return await storage.remove_advisory(args.product, args.id)
+
+    if not _with_storage(args, work):
+        raise CatalogError(f"advisory {args.id} of {args.product} is not stored")
+    print(f"removed advisory {args.id} of {args.product}")
     return 0
 
 
@@ -580,34 +979,111 @@ def _run_purge(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    from .app import purge_expired
+
     result = asyncio.run(purge_expired(settings, announce=announce, dry_run=args.dry_run))
     if result.days:
         print(f"{result.days} days rolled up, {result.rows_deleted} raw rows deleted")
     return 0
 
 
-def _run_stats(args: argparse.Namespace) -> int:
-    since = (datetime.now(UTC).date() - timedelta(days=args.days - 1)).isoformat()
+def _run_backup(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    from .app import backup_database
 
-    if args.daily:
-        return _print_daily(args, since)
-    shards = existing_shards(settings_from_args(args).db)
-
-    async def work(storage: Storage) -> Stats:
-        return await storage.stats(args.product, since, shards)
-
-    stats = _with_storage(args, work)
-    if args.json:
-        print(json.dumps(asdict(stats), indent=1))
-        return 0
+    written = asyncio.run(backup_database(settings, args.dest, force=args.force))
+    for file in written:
+        print(f"wrote {file.copy} ({file.size} bytes), a snapshot of {file.source}")
     print(
-        f"{stats.product} since {stats.since} (UTC): {stats.instances} instances,"
-        f" {stats.reports} reports, {stats.version_checks} release checks"
+        f"backup complete: {len(written)} file{'s' if len(written) > 1 else ''}. To restore: stop"
+        " the server, copy each file back to the name it is a snapshot of, start the server."
     )
-    print(f"\n{'VERSION':<24} {'INSTANCES':>9} {'REPORTS':>9}")
-    for v in stats.by_version:
-        print(f"{v.version:<24} {v.instances:>9} {v.reports:>9}")
-    print(f"\n{'OS':<10} {'ARCH':<10} {'INSTANCES':>9}")
-    for p in stats.by_platform:
-        print(f"{p.os:<10} {p.arch:<10} {p.instances:>9}")
+    return 0
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    """The statistics document, built by the same code as ``GET /v1/stats``."""
+    try:
+        query = parse_stats_query({"product": args.product, "days": str(args.days)})
+    except QueryError as exc:
+        raise UsageError("; ".join(f"--{detail}" for detail in exc.details)) from None
+    settings = settings_from_args(args)
+    if args.refresh:
+        from .app import aggregate_now
+
+        asyncio.run(aggregate_now(settings, migrate=False))
+
+    async def work(storage: Storage) -> tuple[dict[str, Any], list[ProductCounts]]:
+        catalog = await load_catalog(storage)
+        minimum = settings.min_group_size if args.public else 0
+        document = await stats_document(storage, catalog, query, min_group_size=minimum)
+        return document, await storage.products(utc_today().isoformat())
+
+    document, products = _with_storage(args, work)
+    _warn_about_stats(document, products)
+    if args.json:
+        print(json.dumps(document, indent=1))
+    elif args.daily:
+        _print_daily(document)
+    else:
+        _print_stats(document)
+    return 0
+
+
+def _warn_about_stats(document: dict[str, Any], products: Sequence[ProductCounts]) -> None:
+    """A warning line on stderr when the product has no releases or no reports."""
+    product = document["product"]
+    known = ", ".join(p.product for p in products) or "none"
+    counts = next((p for p in products if p.product == product), None)
+    if counts is None or not counts.releases:
+        print(f"warning: {product} has no releases in the catalog (products: {known})",
+              file=sys.stderr)  # fmt: skip
+    if counts is None or not counts.reports:
+        print(f"warning: no reports from {product} have been aggregated (products: {known})",
+              file=sys.stderr)  # fmt: skip
+
+
+def _print_stats(document: dict[str, Any]) -> None:
+    instances = document["instances"]
+    print(
+        f"{document['product']}, {document['since']} to {document['until']}"
+        f" ({document['days']} UTC days; aggregated {document['aggregated_at'] or 'never'})"
+    )
+    print(
+        f"instances a day (distinct ids: process runs): {instances['average_daily']:g} average,"
+        f" {instances['peak_daily']} peak, {instances['latest_day']} on {document['until']}"
+    )
+    print(
+        f"{document['reports']} reports, {document['version_checks']} release checks;"
+        f" latest release {document['latest_release'] or 'unknown'}"
+    )
+    print(f"\n{'VERSION':<24} {'INSTANCES/DAY':>13} {'REPORTS':>10}")
+    for v in document["by_version"]:
+        print(f"{v['version']:<24} {v['instances']:>13g} {v['reports']:>10}")
+    print(f"\n{'OS':<10} {'ARCH':<10} {'INSTANCES/DAY':>13}")
+    for p in document["by_platform"]:
+        print(f"{p['os']:<10} {p['arch']:<10} {p['instances']:>13g}")
+
+
+def _print_daily(document: dict[str, Any]) -> None:
+    print(f"{'DAY (UTC)':<12} {'INSTANCES':>9} {'REPORTS':>9} {'CHECKS':>7} {'OUT OF DATE':>11}")
+    for day in document["daily"]:
+        share = f"{day['out_of_date_share']:.1%}" if day["instances"] else "-"
+        print(
+            f"{day['day']:<12} {day['instances']:>9} {day['reports']:>9}"
+            f" {day['version_checks']:>7} {share:>11}"
+        )
+
+
+def _run_products(args: argparse.Namespace) -> int:
+    async def work(storage: Storage) -> list[ProductCounts]:
+        return await storage.products(utc_today().isoformat())
+
+    products = _with_storage(args, work)
+    if args.json:
+        print(json.dumps(products_document(products), indent=1))
+        return 0
+    print(f"{'PRODUCT':<24} {'RELEASES':>8} {'REPORTS':>10} {'INSTANCES TODAY':>15}")
+    for p in products:
+        print(f"{p.product:<24} {p.releases:>8} {p.reports:>10} {p.instances_today:>15}")
     return 0

@@ -6,6 +6,9 @@ place that maps them to HTTP statuses and the JSON error shape.
     TelemetryError
     ├── RequestError ............. the client sent something we will not take (4xx)
     │   ├── ReportError .......... invalid report body; ``details`` lists every problem (400)
+    │   ├── QueryError ........... invalid query parameters of a read route (400)
+    │   ├── UnauthorizedError .... statistics need a bearer token that was not sent (401)
+    │   ├── ForbiddenError ....... wrong token, or statistics are not enabled (403)
     │   ├── NotFoundError ........ no such release or product (404)
     │   ├── SlowRequestError ..... the body did not arrive within the read timeout (408)
     │   ├── UnsupportedMediaTypeError ........................................... (415)
@@ -15,9 +18,12 @@ place that maps them to HTTP statuses and the JSON error shape.
     │   ├── OverloadedError ...... the ingest queue is full
     │   ├── ShuttingDownError .... the server is draining before exit
     │   └── StorageUnavailableError  the database could not commit (locked, full, read-only)
-    ├── CatalogError ............. a release could not be added or parsed (CLI)
+    ├── BackupError .............. a backup cannot be written where asked (CLI)
+    ├── CatalogError ............. a release, policy or advisory could not be added or parsed
+    ├── SyncError ................ the release list upstream could not be read or used
     ├── SchemaError .............. the database file cannot be opened or is not one this
     │                              version can use
+    ├── TlsError ................. the TLS certificate or key cannot be used (serve)
     └── UsageError ............... a bad flag, env var or setting (CLI exit status 2)
 """
 
@@ -41,6 +47,18 @@ class RequestError(TelemetryError):
 
 class ReportError(RequestError):
     """The report body is malformed or a field is invalid."""
+
+
+class QueryError(RequestError):
+    """A read route's query parameters are invalid; ``details`` name each one."""
+
+
+class UnauthorizedError(RequestError):
+    """A closed route was asked without credentials (``Authorization: Bearer <token>``)."""
+
+
+class ForbiddenError(RequestError):
+    """The credentials are wrong, or the route is closed and no token is configured."""
 
 
 class NotFoundError(RequestError):
@@ -88,13 +106,29 @@ class StorageUnavailableError(UnavailableError):
     """The database refused the write (locked, read-only, disk full, I/O error)."""
 
 
+class BackupError(TelemetryError):
+    """A backup cannot be written: its destination exists, is the database, or fails."""
+
+
 class CatalogError(TelemetryError):
     """A release could not be parsed, added or imported."""
+
+
+class SyncError(TelemetryError):
+    """A release sync failed; ``retry_after`` is set when the upstream asked us to wait."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SchemaError(TelemetryError):
     """The database cannot be opened (a directory, a missing folder, no permission), is not
     an opa-telemetry database, or has a schema version this version cannot use."""
+
+
+class TlsError(TelemetryError):
+    """The TLS certificate or key given to ``serve`` cannot be read or do not match."""
 
 
 class UsageError(TelemetryError):

@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import math
+import zlib
 from typing import Any
 
 from aiohttp import hdrs, web
 
-from .appkeys import CODEC, INTAKE, REPOS, SETTINGS, STORAGE, Intake
+from . import dashboard
+from .access import View, authorize
+from .appkeys import CODEC, INSIGHTS, INTAKE, REPOS, REQUESTS, SETTINGS, STORAGE, Intake
 from .errors import (
     BodyTooLargeError,
     NotFoundError,
     RateLimitedError,
+    ReportError,
     SlowRequestError,
     UnsupportedMediaTypeError,
 )
 from .http_errors import error_answer
+from .insights import parse_stats_query, products_document, stats_document, utc_today
+from .metrics import CONTENT_TYPE, FleetState
+from .openapi import openapi_json
 from .protocol import parse_report, parse_user_agent, product_slug
-from .releases import Release, asset_url
+from .releases import Release
+from .storage import AGGREGATED_AT_KEY, RETENTION_RUN_KEY
+
+# GitHub's list pagination: 30 per page unless ``per_page`` says otherwise, at most 100.
+DEFAULT_PER_PAGE = 30
+MAX_PER_PAGE = 100
+VERSION_ROUTE = "/v1/version"
+_VERSION_OK = (VERSION_ROUTE, 200)
 
 
 async def post_version(request: web.Request) -> web.StreamResponse:
@@ -36,10 +50,15 @@ async def post_version(request: web.Request) -> web.StreamResponse:
         client = parse_user_agent(request.headers.get(hdrs.USER_AGENT))
         report = parse_report(body, client, intake.loads, intake.extra_keys, intake.extra_max_bytes)
         await intake.ingest.submit(report)
-        answer = intake.catalog.answer(report.product, report.version, report.os, report.arch)
+        answer = intake.catalog.answer(
+            report.product, report.version, report.os, report.arch, report.instance_id
+        )
+        intake.requests[_VERSION_OK] += 1
         return web.Response(body=answer, content_type="application/json")
     except Exception as exc:  # noqa: BLE001 (error_answer logs the unexpected ones)
-        return error_answer(request, exc)
+        response = error_answer(request, exc)
+        request.app[REQUESTS][(VERSION_ROUTE, response.status)] += 1
+        return response
 
 
 # Handlers that turn their own errors into JSON answers; ``routes`` wraps all the others.
@@ -56,6 +75,44 @@ async def get_latest_release(request: web.Request) -> web.Response:
         raise NotFoundError("Not Found", [f"no release known for product {product!r}"])
     await intake.ingest.submit(product)
     return _json(request, _github_release(request, release))
+
+
+async def get_releases(request: web.Request) -> web.StreamResponse:
+    """``GET /repos/{owner}/{repo}/releases``: GitHub's release list, newest first, paginated
+    (``per_page``, ``page``, a ``Link`` header) with an ``ETag``, so that another
+    opa-telemetry server can sync from this one as it would from GitHub. Yanked releases are
+    left out: they must never be offered."""
+    intake = request.app[INTAKE]
+    _check_rate(request, intake)
+    product = _repo_product(request)
+    per_page = _query_int(request, "per_page", DEFAULT_PER_PAGE, MAX_PER_PAGE)
+    page = _query_int(request, "page", 1, 10**6)
+    catalog = intake.catalog.catalog
+    releases = [r for r in catalog.releases(product) if not catalog.is_yanked(product, r.tag)]
+    # The product is hashed: a repo name from the URL never reaches a header as it is.
+    etag = f'"{intake.catalog.generation}-{zlib.crc32(product.encode()):08x}-{per_page}-{page}"'
+    if etag in request.headers.get(hdrs.IF_NONE_MATCH, ""):
+        return web.Response(status=304, headers={hdrs.ETAG: etag})
+    start = (page - 1) * per_page
+    body = [_github_release(request, r) for r in releases[start : start + per_page]]
+    response = _json(request, body)
+    response.headers[hdrs.ETAG] = etag
+    last = max(1, -(-len(releases) // per_page))
+    links = []
+    if page < last:
+        links.append(f'<{request.url.update_query(page=page + 1)}>; rel="next"')
+    links.append(f'<{request.url.update_query(page=last)}>; rel="last"')
+    response.headers[hdrs.LINK] = ", ".join(links)
+    return response
+
+
+def _query_int(request: web.Request, name: str, default: int, most: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= most:
+        raise ReportError(f"{name} must be a whole number from 1 to {most}")
+    return int(text)
 
 
 async def get_release_assets(request: web.Request) -> web.Response:
@@ -78,6 +135,69 @@ async def get_readiness(request: web.Request) -> web.Response:
     await request.app[STORAGE].ping()
     ingest = request.app[INTAKE].ingest
     return _json(request, {"status": "ready", "pending": ingest.pending + ingest.writing})
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    """``GET /v1/stats?product=&days=``: the statistics document (``stats --json``)."""
+    settings = request.app[SETTINGS]
+    view = authorize(request.headers, settings)
+    query = parse_stats_query(request.query)
+    document = await stats_document(
+        request.app[INSIGHTS].reader,
+        request.app[INTAKE].catalog.catalog,
+        query,
+        min_group_size=settings.min_group_size if view is View.PUBLIC else 0,
+    )
+    return _json(request, document)
+
+
+async def get_products(request: web.Request) -> web.Response:
+    """``GET /v1/products``: every product with its release and report counts."""
+    authorize(request.headers, request.app[SETTINGS])
+    products = await request.app[INSIGHTS].reader.products(utc_today().isoformat())
+    return _json(request, products_document(products))
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text for the whole server (every worker)."""
+    settings = request.app[SETTINGS]
+    view = authorize(request.headers, settings)
+    insights, intake = request.app[INSIGHTS], request.app[INTAKE]
+    reader = insights.reader
+    insights.metrics.flush(request.app[REQUESTS], intake.ingest)
+    catalog = intake.catalog
+    fleet = FleetState(
+        version_counts=await reader.day_version_counts(utc_today().isoformat()),
+        catalog_checked_at=catalog.checked_at,
+        catalog_releases=await reader.release_counts(),
+        retention_run_at=await reader.meta(RETENTION_RUN_KEY),
+        aggregated_at=await reader.meta(AGGREGATED_AT_KEY),
+        min_group_size=settings.min_group_size if view is View.PUBLIC else 0,
+    )
+    body = insights.metrics.render(fleet)
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI 3.1 description of every route (open, no auth)."""
+    body = openapi_json(request.app[SETTINGS].prefix)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def get_dashboard(request: web.Request) -> web.Response:
+    """``GET /dashboard``: the page (it holds no data; its script reads the stats API)."""
+    page = dashboard.page(dashboard.access_mode(request.app[SETTINGS]))
+    return dashboard.answer(request, page, dashboard.PAGE_CACHE)
+
+
+async def get_dashboard_slash(request: web.Request) -> web.Response:
+    """``GET /dashboard/``: to the page's one address (its links are relative to it)."""
+    raise web.HTTPMovedPermanently("../dashboard")
+
+
+async def get_dashboard_asset(request: web.Request) -> web.Response:
+    """``GET /dashboard/assets/{name}``: a script, style sheet or image of the page."""
+    return dashboard.asset_answer(request, request.match_info["name"])
 
 
 def _check_rate(request: web.Request, intake: Intake) -> None:
@@ -158,7 +278,4 @@ def _github_release(request: web.Request, release: Release) -> dict[str, Any]:
 
 
 def _github_assets(release: Release) -> list[dict[str, str]]:
-    return [
-        {"name": asset.rsplit("/", 1)[-1], "browser_download_url": asset_url(release, asset)}
-        for asset in release.assets
-    ]
+    return [{"name": a.name, "browser_download_url": a.url} for a in release.assets]

@@ -45,7 +45,11 @@ class Ingest:
         self._accepting = True
         self.batches = 0
         self.committed = 0
+        self.reports_committed = 0
+        self.checks_committed = 0
         self.writing = 0  # items taken by the writer and not yet committed
+        # (items, commit seconds) of recent batches, drained by the metrics; bounded.
+        self.batch_log: deque[tuple[int, float]] = deque(maxlen=4096)
 
     @property
     def pending(self) -> int:
@@ -91,6 +95,7 @@ class Ingest:
         reports = [item for item, _ in batch if isinstance(item, Report)]
         checks = [item for item, _ in batch if isinstance(item, str)]
         error: BaseException | None = None
+        started = time.perf_counter()
         try:
             await self._storage.write_batch(reports, checks, time.time())
         except StorageUnavailableError as exc:
@@ -105,6 +110,9 @@ class Ingest:
         else:
             self.batches += 1
             self.committed += len(batch)
+            self.reports_committed += len(reports)
+            self.checks_committed += len(checks)
+            self.batch_log.append((len(batch), time.perf_counter() - started))
         self.writing = 0
         for _, future in batch:
             if future.done():  # the handler was cancelled; nothing waits for this one

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .protocol import product_slug
+
 ENV_PREFIX = "OPA_TELEMETRY_SERVER_"
 DEFAULT_DB = "opa-telemetry.db"
 DEFAULT_PORT = 9181  # not OPA's 8181: operators run both on one host
@@ -17,8 +19,9 @@ DEFAULT_REPOS = "open-policy-agent/opa=opa"
 MAX_WORKERS = 8  # SQLite attaches at most 10 databases; statistics read them all at once
 
 
-def _knob(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+def _knob(default: Any, help: str, *, secret: bool = False, **extra: Any) -> Any:
+    # A secret is left out of the dataclass's repr, so that logging settings never shows it.
+    return field(default=default, repr=not secret, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +50,9 @@ class Settings:
     retry_after: int = _knob(1, "seconds a client is told to wait when the server is busy")
     catalog_refresh: float = _knob(5.0, "seconds between checks for release catalog changes")
     shutdown_timeout: float = _knob(10.0, "seconds to finish in-flight requests on SIGTERM")
-    seed_catalog: bool = _knob(True, "import the bundled OPA releases on the first start")
+    seed_catalog: bool = _knob(
+        True, "import the bundled OPA releases and advisories on the first start"
+    )
     extra_keys: str = _knob(
         "", "report body keys to store besides OPA's, comma-separated (e.g. bundles,license)"
     )
@@ -67,9 +72,46 @@ class Settings:
         DEFAULT_REPOS,
         "owner/repo=product pairs, comma-separated, for GET /repos/{owner}/{repo}/releases/latest",
     )
+    sync_interval: float = _knob(
+        0.0, "seconds between release syncs from GitHub in the server (0: off; one process syncs)"
+    )
+    sync_product: str = _knob("opa", "product whose releases are synced")
+    sync_repo: str = _knob("open-policy-agent/opa", "GitHub owner/repo the releases come from")
+    sync_api_url: str = _knob(
+        "https://api.github.com", "GitHub REST API base (or another opa-telemetry server)"
+    )
+    sync_include_prereleases: bool = _knob(False, "sync pre-releases too (never offered)")
+    sync_prune: bool = _knob(False, "remove the product's releases that upstream no longer lists")
+    sync_token: str = _knob(
+        "", "GitHub token for the sync (else $GITHUB_TOKEN); never logged or stored", secret=True
+    )
     fast: bool = _knob(True, "use uvloop and orjson when installed")
     workers: int = _knob(
         1, "server processes sharing the port; each commits to its own database shard"
+    )
+    # Never in a repr or a log line: the one secret among the settings.
+    admin_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "bearer token that opens the stats API, dashboard and /metrics"
+            " (Authorization: Bearer <token>)"
+        },
+    )
+    public_stats: bool = _knob(
+        False, "serve statistics and /metrics to anyone, small groups folded into 'other'"
+    )
+    min_group_size: int = _knob(
+        5, "in public statistics, groups with fewer average daily instances show as 'other'"
+    )
+    stats_interval: float = _knob(
+        60.0, "seconds between updates of the statistics aggregates from new reports"
+    )
+    tls_cert: str = _knob(
+        "", "PEM certificate chain: serve HTTPS directly (needs --tls-key; unset: plain HTTP)"
+    )
+    tls_key: str = _knob(
+        "", "PEM private key of --tls-cert, unencrypted, readable by the server only"
     )
 
     def __post_init__(self) -> None:
@@ -86,6 +128,12 @@ class Settings:
             problems.append("retention_days >= 0, purge_interval > 0, extra_max_bytes >= 2")
         if self.rate_limit < 0 or self.rate_burst < 1:
             problems.append("rate_limit must be >= 0 and rate_burst >= 1")
+        if self.min_group_size < 1 or self.stats_interval <= 0:
+            problems.append("min_group_size must be at least 1 and stats_interval positive")
+        if self.admin_token and (len(self.admin_token) < 16 or not self.admin_token.isprintable()):
+            problems.append("admin_token must be at least 16 printable characters")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together: give both or neither")
         if not 1 <= self.workers <= MAX_WORKERS:
             problems.append(f"workers must be 1-{MAX_WORKERS}")
         for name in (
@@ -100,6 +148,14 @@ class Settings:
         for name in ("catalog_refresh", "shutdown_timeout", "busy_timeout", "read_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.sync_interval < 0:
+            problems.append("sync_interval must be >= 0")
+        if self.sync_repo.count("/") != 1 or not all(self.sync_repo.split("/")):
+            problems.append("sync_repo must be owner/repo")
+        if not self.sync_api_url.startswith(("http://", "https://")):
+            problems.append("sync_api_url must be an http(s) URL")
+        if not product_slug(self.sync_product):
+            problems.append("sync_product must name a product")
         try:
             self.repo_products()
         except ValueError as exc:
@@ -118,7 +174,7 @@ class Settings:
             repo, sep, product = pair.partition("=")
             if not sep or repo.count("/") != 1 or not product.strip():
                 raise ValueError(f"repos entry {pair!r} is not owner/repo=product")
-            mapping[repo.strip().lower()] = product.strip().lower()
+            mapping[repo.strip().lower()] = product_slug(product)
         return mapping
 
 

@@ -8,7 +8,9 @@ HTTP layer turns into a 503 with ``Retry-After``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -18,19 +20,22 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 from urllib.parse import quote
 
 import aiosqlite
 
+from .advisories import Advisory, advisory_from_osv
 from .codec import json_codec
-from .errors import CatalogError, SchemaError, StorageUnavailableError
+from .errors import BackupError, CatalogError, SchemaError, StorageUnavailableError
 from .migrations import MIGRATIONS
+from .policy import Policy
 from .protocol import Report
-from .releases import Catalog, Release, release_from_mapping
-from .versions import parse_version
+from .releases import Release, release_from_mapping
+from .versions import VersionError, parse_version
 
 logger = logging.getLogger(__name__)
 
@@ -82,26 +87,6 @@ SELECT_RELEASES_SQL = """
 SELECT id, product, tag, release_notes, assets, published_on, prerelease FROM releases
 """
 
-INSTANCES_BY_VERSION_SQL = """
-SELECT version, count(DISTINCT instance_id), sum(report_count) FROM all_reports
-WHERE product = ? AND day >= ? GROUP BY version
-"""
-
-INSTANCES_BY_PLATFORM_SQL = """
-SELECT coalesce(os, 'unknown'), coalesce(arch, 'unknown'), count(DISTINCT instance_id)
-FROM all_reports WHERE product = ? AND day >= ? GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2
-"""
-
-TOTALS_SQL = """
-SELECT count(DISTINCT instance_id), coalesce(sum(report_count), 0) FROM all_reports
-WHERE product = ? AND day >= ?
-"""
-
-CHECKS_SQL = """
-SELECT coalesce(sum(check_count), 0) FROM all_version_checks WHERE product = ? AND day >= ?
-"""
-
-
 # One day's instances across every shard: each instance once, with the version, platform and
 # heap of its latest row and the reports of all its rows.
 DAY_INSTANCES_SQL = """
@@ -129,14 +114,175 @@ ON CONFLICT (product, day, version, os, arch) DO UPDATE SET
     heap_p99 = coalesce(excluded.heap_p99, heap_p99)
 """
 
-DAILY_SQL = """
-SELECT day, count(DISTINCT instance_id), sum(report_count), 'raw' FROM all_reports
-WHERE product = ? AND day >= ? GROUP BY day
-UNION ALL
-SELECT day, sum(instances), sum(reports), 'rollup' FROM main.daily_rollups
-WHERE product = ? AND day >= ? GROUP BY day
-ORDER BY 1, 4
+# -- statistics: the aggregates (schema step 3) ----------------------------------------------
+# The aggregator reads one product's raw rows of one day (a primary-key range): from the main
+# database itself, or, with worker shards, from temp.day_rows, where each instance is one row.
+DAY_ROWS_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS day_rows (
+    product TEXT NOT NULL,
+    day TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    last_seen_at INTEGER NOT NULL,
+    report_count INTEGER NOT NULL,
+    version TEXT NOT NULL,
+    os TEXT,
+    arch TEXT,
+    heap_usage_bytes INTEGER,
+    min_compatible_version TEXT,
+    PRIMARY KEY (product, day, instance_id)
+) WITHOUT ROWID
 """
+
+# An instance seen by several workers on one day: its reports add up, and its version,
+# platform, heap and min_compatible_version are those of its latest row. (SET expressions read
+# the row as it was before the update.)
+MERGE_DAY_ROWS_SQL = """
+INSERT INTO temp.day_rows
+SELECT product, day, instance_id, last_seen_at, report_count, version, os, arch,
+       heap_usage_bytes, min_compatible_version
+FROM {source}.reports WHERE product = ? AND day = ? AND true
+ON CONFLICT (product, day, instance_id) DO UPDATE SET
+    report_count = report_count + excluded.report_count,
+    last_seen_at = max(last_seen_at, excluded.last_seen_at),
+    version = iif(excluded.last_seen_at > last_seen_at, excluded.version, version),
+    os = iif(excluded.last_seen_at > last_seen_at, excluded.os, os),
+    arch = iif(excluded.last_seen_at > last_seen_at, excluded.arch, arch),
+    heap_usage_bytes = iif(excluded.last_seen_at > last_seen_at,
+                           excluded.heap_usage_bytes, heap_usage_bytes),
+    min_compatible_version = iif(excluded.last_seen_at > last_seen_at,
+                                 excluded.min_compatible_version, min_compatible_version)
+"""
+
+# One pass (one sort) over a product-day's rows, split into the four detail tables in Python.
+# Heap bucket b holds heaps in [2^(b/8), 2^((b+1)/8)) bytes; 0 and 1 byte fall in bucket 0.
+DAY_GROUPS_SQL = """
+SELECT version, coalesce(os, ''), coalesce(arch, ''), coalesce(min_compatible_version, ''),
+       CAST(floor(log2(max(heap_usage_bytes, 1)) * 8) AS INTEGER), count(*), sum(report_count)
+FROM {rows} WHERE product = ? AND day = ? GROUP BY 1, 2, 3, 4, 5
+"""
+
+# The next product (or day) after the given one that has raw rows: one seek in the primary
+# key per distinct value, instead of a scan of every row.
+NEXT_PRODUCT_SQL = "SELECT product FROM {source}.reports WHERE product > ? ORDER BY 1 LIMIT 1"
+NEXT_DAY_SQL = """
+SELECT day FROM {source}.reports WHERE product = ? AND day > ? ORDER BY day LIMIT 1
+"""
+CHANGED_SINCE_SQL = """
+SELECT 1 FROM {source}.reports WHERE product = ? AND day = ? AND last_seen_at >= ? LIMIT 1
+"""
+CHECK_DAYS_SQL = """
+SELECT product, day, sum(check_count) FROM all_version_checks WHERE day >= ? GROUP BY 1, 2
+"""
+
+# A day without raw rows (only release checks, or rows already purged): keep its counts.
+UPDATE_STATS_CHECKS_SQL = """
+INSERT INTO main.stats_days (product, day, instances, reports, version_checks)
+VALUES (?, ?, 0, 0, ?)
+ON CONFLICT (product, day) DO UPDATE SET version_checks = excluded.version_checks
+"""
+# A product-day's new aggregates are staged in temp tables (no lock on the database), then
+# applied by one script: the write lock is held for those statements only, never across a
+# round trip to the event loop, so the ingest writer never waits on this task's Python.
+STATS_DAY_TABLES = (
+    "stats_days",
+    "stats_versions",
+    "stats_platforms",
+    "stats_min_compatible",
+    "stats_heaps",
+)
+STAGE_TABLE_SQL = (
+    "CREATE TEMP TABLE IF NOT EXISTS staged_{table} AS SELECT * FROM main.{table} LIMIT 0"
+)
+STAGE_ROWS_SQL = {
+    "stats_days": "INSERT INTO temp.staged_stats_days VALUES (?, ?, ?, ?, ?)",
+    "stats_versions": "INSERT INTO temp.staged_stats_versions VALUES (?, ?, ?, ?, ?)",
+    "stats_platforms": "INSERT INTO temp.staged_stats_platforms VALUES (?, ?, ?, ?, ?)",
+    "stats_min_compatible": "INSERT INTO temp.staged_stats_min_compatible VALUES (?, ?, ?, ?)",
+    "stats_heaps": "INSERT INTO temp.staged_stats_heaps VALUES (?, ?, ?, ?, ?)",
+}
+APPLY_STAGED_DAY_SQL = """
+BEGIN IMMEDIATE;
+DELETE FROM main.stats_days
+    WHERE (product, day) IN (SELECT product, day FROM temp.staged_stats_days);
+INSERT INTO main.stats_days SELECT * FROM temp.staged_stats_days;
+DELETE FROM main.stats_versions
+    WHERE (product, day) IN (SELECT product, day FROM temp.staged_stats_days);
+INSERT INTO main.stats_versions SELECT * FROM temp.staged_stats_versions;
+DELETE FROM main.stats_platforms
+    WHERE (product, day) IN (SELECT product, day FROM temp.staged_stats_days);
+INSERT INTO main.stats_platforms SELECT * FROM temp.staged_stats_platforms;
+DELETE FROM main.stats_min_compatible
+    WHERE (product, day) IN (SELECT product, day FROM temp.staged_stats_days);
+INSERT INTO main.stats_min_compatible SELECT * FROM temp.staged_stats_min_compatible;
+DELETE FROM main.stats_heaps
+    WHERE (product, day) IN (SELECT product, day FROM temp.staged_stats_days);
+INSERT INTO main.stats_heaps SELECT * FROM temp.staged_stats_heaps;
+COMMIT;
+"""
+# The read side: one product's window of aggregates, each query a primary-key range.
+WINDOW_DAYS_SQL = """
+SELECT day, instances, reports, version_checks FROM stats_days
+WHERE product = ? AND day BETWEEN ? AND ? ORDER BY day
+"""
+WINDOW_VERSIONS_SQL = """
+SELECT day, version, instances, reports FROM stats_versions
+WHERE product = ? AND day BETWEEN ? AND ?
+"""
+WINDOW_PLATFORMS_SQL = """
+SELECT os, arch, sum(instances) FROM stats_platforms
+WHERE product = ? AND day BETWEEN ? AND ? GROUP BY 1, 2
+"""
+WINDOW_MIN_COMPATIBLE_SQL = """
+SELECT min_compatible_version, sum(instances) FROM stats_min_compatible
+WHERE product = ? AND day BETWEEN ? AND ? GROUP BY 1
+"""
+# The running totals at the window's end minus those before its start.
+WINDOW_HEAPS_SQL = """
+SELECT version, bucket, sum(instances) FROM (
+    SELECT version, bucket, instances FROM stats_heap_totals
+    WHERE product = :product AND day = (
+        SELECT max(day) FROM stats_heap_totals WHERE product = :product AND day <= :until)
+    UNION ALL
+    SELECT version, bucket, -instances FROM stats_heap_totals
+    WHERE product = :product AND day = (
+        SELECT max(day) FROM stats_heap_totals WHERE product = :product AND day < :since)
+) GROUP BY 1, 2 HAVING sum(instances) > 0
+"""
+# Running heap totals, rebuilt from a day on: each day's totals are the previous day's plus
+# its own histogram, staged day by day in a temp table, then applied by one script.
+HEAP_TOTALS_DAYS_SQL = """
+SELECT DISTINCT day FROM stats_heaps WHERE product = ? AND day >= ? ORDER BY day
+"""
+STAGE_HEAP_TOTALS_SQL = """
+INSERT INTO temp.staged_stats_heap_totals (product, day, version, bucket, instances)
+SELECT :product, :day, version, bucket, sum(instances) FROM (
+    SELECT version, bucket, instances FROM main.stats_heap_totals
+    WHERE :previous IS NULL AND product = :product AND day = (
+        SELECT max(day) FROM main.stats_heap_totals WHERE product = :product AND day < :since)
+    UNION ALL
+    SELECT version, bucket, instances FROM temp.staged_stats_heap_totals
+    WHERE product = :product AND day = :previous
+    UNION ALL
+    SELECT version, bucket, instances FROM main.stats_heaps
+    WHERE product = :product AND day = :day
+) GROUP BY version, bucket
+"""
+APPLY_STAGED_HEAP_TOTALS_SQL = """
+BEGIN IMMEDIATE;
+DELETE FROM main.stats_heap_totals WHERE EXISTS (
+    SELECT 1 FROM temp.staged_heap_totals_from AS f
+    WHERE f.product = stats_heap_totals.product AND stats_heap_totals.day >= f.since);
+INSERT INTO main.stats_heap_totals SELECT * FROM temp.staged_stats_heap_totals;
+COMMIT;
+"""
+PRODUCTS_SQL = """
+SELECT product, sum(reports), sum(iif(day = ?, instances, 0)) FROM stats_days GROUP BY 1
+"""
+RELEASE_COUNTS_SQL = "SELECT product, count(*) FROM releases GROUP BY product"
+DAY_VERSION_COUNTS_SQL = "SELECT product, version, instances FROM stats_versions WHERE day = ?"
+WATERMARK_KEY = "stats_watermark"
+AGGREGATED_AT_KEY = "stats_aggregated_at"
+RETENTION_RUN_KEY = "retention_run_at"
 
 
 def shard_path(db: str | Path, worker: int) -> Path:
@@ -153,18 +299,44 @@ def existing_shards(db: str | Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(f"{path.stem}.worker*") if pattern.match(p.name))
 
 
+@dataclass(frozen=True, slots=True)
+class CatalogParts:
+    """Everything the in-memory catalog is built from (see ``catalog.load_catalog``)."""
+
+    releases: list[tuple[str, Release]]
+    policies: dict[str, Policy]
+    advisories: list[tuple[str, Advisory]]
+
+
+@dataclass(frozen=True, slots=True)
+class SyncState:
+    """What the last sync of one product saw (Unix seconds; ``None`` for never)."""
+
+    product: str
+    source: str
+    etag: str | None = None
+    last_attempt_at: int | None = None
+    last_success_at: int | None = None
+    last_error: str | None = None
+    last_error_at: int | None = None
+    retry_after_at: int | None = None
+
+
+def backup_pairs(db: str | Path, dest: str | Path) -> list[tuple[Path, Path]]:
+    """(file, copy) for a backup of ``db`` to ``dest``: the main file to ``dest``, each existing
+    worker shard to ``dest``'s shard of the same number, so the copy is a database like ``db``."""
+    db, dest = Path(db), Path(dest)
+    pairs = [(db, dest)]
+    for shard in existing_shards(db):
+        number = int(shard.name[len(db.stem) + len(".worker") : len(shard.name) - len(db.suffix)])
+        pairs.append((shard, shard_path(dest, number)))
+    return pairs
+
+
 @dataclass
 class PurgeResult:
     days: int = 0
     rows_deleted: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Day:
-    day: str
-    instances: int
-    reports: int
-    source: str  # "raw" or "rollup"
 
 
 def utc_day(at: float) -> str:
@@ -173,30 +345,33 @@ def utc_day(at: float) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class VersionCount:
-    version: str
-    instances: int
-    reports: int
+class Window:
+    """One product's aggregates for the UTC days ``since``..``until`` (inclusive), as stored:
+    what ``insights`` turns into the statistics document. Counts of instances summed over
+    days are instance-days."""
+
+    days: list[tuple[str, int, int, int]]  # (day, instances, reports, version_checks)
+    versions: list[tuple[str, str, int, int]]  # (day, version, instances, reports)
+    platforms: list[tuple[str, str, int]]  # (os, arch, instance-days); "" = not sent
+    min_compatible: list[tuple[str, int]]  # (min_compatible_version, instance-days)
+    heaps: list[tuple[str, int, int]]  # (version, bucket, instance-days)
+    aggregated_at: int | None  # Unix seconds of the last aggregation; None if never
 
 
 @dataclass(frozen=True, slots=True)
-class PlatformCount:
-    os: str
-    arch: str
-    instances: int
-
-
-@dataclass(frozen=True, slots=True)
-class Stats:
-    """Anonymous counts for one product since ``since`` (a UTC day, inclusive)."""
+class ProductCounts:
+    """A product known to the catalog or seen in reports."""
 
     product: str
-    since: str
-    instances: int
+    releases: int
     reports: int
-    version_checks: int
-    by_version: list[VersionCount] = field(default_factory=list)
-    by_platform: list[PlatformCount] = field(default_factory=list)
+    instances_today: int
+
+
+@dataclass
+class AggregateResult:
+    days: int = 0  # product-days whose aggregates were rewritten
+    instances: int = 0  # distinct instances counted over those days
 
 
 class Storage:
@@ -233,12 +408,13 @@ class Storage:
         # A few stat calls at open time, before any connection exists: not worth a thread.
         uri = _database_uri(Path(path), create=migrate)
         try:
-            conn = await aiosqlite.connect(uri, isolation_level=None, uri=True)
+            conn = await _connect(uri)
         except sqlite3.Error as exc:
             raise SchemaError(f"{path}: cannot open the database: {exc}") from None
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             if migrate:
+                await _refuse_newer(conn, path)  # before WAL: refused means left as it was
                 await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA wal_autocheckpoint = {int(wal_checkpoint_pages)}")
             await conn.execute(f"PRAGMA synchronous = {_checked_synchronous(synchronous)}")
@@ -266,6 +442,21 @@ class Storage:
                 await cursor.fetchone()
         except (sqlite3.Error, ValueError) as exc:
             raise StorageUnavailableError(f"database does not answer: {exc}") from exc
+
+    async def backup(self, dest: Path) -> int:
+        """Write a consistent snapshot of this database to the new file ``dest`` and flush it
+        to disk; returns its size in bytes.
+
+        ``VACUUM INTO`` copies the database as one read transaction sees it (what is still in
+        the WAL included) and takes no write lock: the server may go on writing meanwhile.
+        Raises :class:`BackupError` if ``dest`` exists or cannot be written.
+        """
+        try:
+            await self._conn.execute("VACUUM INTO ?", (str(dest),))
+        except sqlite3.Error as exc:
+            raise BackupError(f"cannot back up {self.path} to {dest}: {exc}") from None
+        # SQLite does not sync what VACUUM INTO wrote; a backup must survive a power cut.
+        return await asyncio.to_thread(_synced_size, dest)
 
     async def schema_version(self) -> int:
         return await _user_version(self._conn)
@@ -329,11 +520,223 @@ class Storage:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
-    async def load_catalog(self) -> Catalog:
-        """Read every product's releases into an in-memory :class:`Catalog`."""
+    async def load_catalog_parts(self) -> CatalogParts:
+        """Read every product's releases, policy and advisories.
+
+        A stored row that no longer passes validation (written by an older version or by hand)
+        is skipped with a warning rather than taking the whole catalog down.
+        """
         async with self._conn.execute(SELECT_RELEASES_SQL) as cursor:
             rows = await cursor.fetchall()
-        return Catalog((row[1], _release_from_row(row)) for row in rows)
+        releases = []
+        for row in rows:
+            try:
+                releases.append((row[1], _release_from_row(row)))
+            except CatalogError as exc:
+                logger.warning("catalog: skipping stored release %s %s: %s", row[1], row[2], exc)
+        policies = await self._policies()
+        async with self._conn.execute("SELECT product, id, record FROM advisories") as cursor:
+            advisory_rows = await cursor.fetchall()
+        advisories = []
+        for product, ident, record in advisory_rows:
+            try:
+                advisories.append((product, advisory_from_osv(json.loads(record))))
+            except (CatalogError, ValueError) as exc:
+                logger.warning("catalog: skipping stored advisory %s %s: %s", product, ident, exc)
+        return CatalogParts(releases, policies, advisories)
+
+    async def _policies(self) -> dict[str, Policy]:
+        products: dict[str, dict[str, Any]] = {}
+        async with self._conn.execute(
+            "SELECT product, pinned_tag, min_version, support_notice FROM product_policies"
+        ) as cursor:
+            for product, pinned, minimum, notice in await cursor.fetchall():
+                entry = products.setdefault(product, {"yanked": {}, "rollouts": {}})
+                entry["pinned"] = pinned
+                entry["notice"] = notice
+                try:
+                    entry["min_version"] = parse_version(minimum) if minimum else None
+                except VersionError:
+                    logger.warning("catalog: %s: stored min_version %r ignored", product, minimum)
+        async with self._conn.execute(
+            "SELECT product, tag, yanked, yank_reason, rollout_percent FROM release_policies"
+        ) as cursor:
+            for product, tag, yanked, reason, percent in await cursor.fetchall():
+                entry = products.setdefault(product, {"yanked": {}, "rollouts": {}})
+                if yanked:
+                    entry["yanked"][tag] = reason
+                if percent is not None:
+                    entry["rollouts"][tag] = int(percent)
+        return {product: Policy(**entry) for product, entry in products.items()}
+
+    # -- policy (each change bumps the catalog generation through the tables' triggers) -------
+
+    async def set_product_policy(self, product: str, **changes: str | None) -> None:
+        """Set ``pinned_tag``, ``min_version`` and/or ``support_notice`` (``None`` clears)."""
+        allowed = {"pinned_tag", "min_version", "support_notice"}
+        if not changes or set(changes) - allowed:
+            raise ValueError(f"policy fields are {sorted(allowed)}")
+        columns = sorted(changes)
+        await self._conn.execute(
+            "INSERT INTO product_policies (product, updated_at) VALUES (?, ?)"
+            " ON CONFLICT (product) DO NOTHING",
+            (product, int(time.time())),
+        )
+        assignments = ", ".join(f"{c} = ?" for c in columns)  # names from the allow-list above
+        await self._conn.execute(
+            f"UPDATE product_policies SET {assignments}, updated_at = ? WHERE product = ?",  # noqa: S608
+            (*(changes[c] for c in columns), int(time.time()), product),
+        )
+
+    async def set_release_policy(
+        self,
+        product: str,
+        tag: str,
+        *,
+        yanked: bool | None = None,
+        reason: str | None = None,
+        rollout_percent: int | EllipsisType | None = ...,
+    ) -> bool:
+        """Yank/unyank a release or set its rollout (``None``: fully rolled out).
+
+        Returns whether anything changed; raises :class:`CatalogError` if ``tag`` is not in
+        the catalog.
+        """
+        async with self._conn.execute(
+            "SELECT 1 FROM releases WHERE product = ? AND tag = ?", (product, tag)
+        ) as cursor:
+            if await cursor.fetchone() is None:
+                raise CatalogError(f"{product} {tag} is not in the catalog")
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            async with self._conn.execute(
+                "SELECT yanked, yank_reason, rollout_percent FROM release_policies"
+                " WHERE product = ? AND tag = ?",
+                (product, tag),
+            ) as cursor:
+                row = await cursor.fetchone()
+            old = (bool(row[0]), row[1], row[2]) if row else (False, "", None)
+            new = (
+                old[0] if yanked is None else yanked,
+                (reason or "") if yanked else ("" if yanked is False else old[1]),
+                old[2] if rollout_percent is ... else rollout_percent,
+            )
+            changed = new != old
+            if changed:
+                await self._conn.execute(
+                    "INSERT INTO release_policies (product, tag, yanked, yank_reason,"
+                    " rollout_percent, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (product, tag) DO UPDATE SET yanked = excluded.yanked,"
+                    " yank_reason = excluded.yank_reason,"
+                    " rollout_percent = excluded.rollout_percent,"
+                    " updated_at = excluded.updated_at",
+                    (product, tag, int(new[0]), new[1], new[2], int(time.time())),
+                )
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        return changed
+
+    # -- advisories --------------------------------------------------------------------------
+
+    async def import_advisories(
+        self, product: str, advisories: Sequence[Advisory], *, seed: bool = False
+    ) -> tuple[int, int]:
+        """Add new advisories and replace changed ones in one transaction; (added, updated).
+
+        With ``seed``, import only once per database lifetime (0, 0 after the first time).
+        """
+        key = f"advisories_seeded:{product}"
+        added = updated = 0
+        now = int(time.time())
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            if seed:
+                async with self._conn.execute("SELECT 1 FROM meta WHERE key = ?", (key,)) as c:
+                    if await c.fetchone():
+                        await self._conn.execute("COMMIT")
+                        return 0, 0
+                await self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, now))
+            for advisory in advisories:
+                record = json.dumps(advisory.record, sort_keys=True)
+                cursor = await self._conn.execute(
+                    "INSERT INTO advisories (product, id, record, added_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (product, id) DO NOTHING",
+                    (product, advisory.id, record, now),
+                )
+                if cursor.rowcount:
+                    added += 1
+                    continue
+                cursor = await self._conn.execute(
+                    "UPDATE advisories SET record = ? WHERE product = ? AND id = ?"
+                    " AND record IS NOT ?",
+                    (record, product, advisory.id, record),
+                )
+                updated += cursor.rowcount
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        return added, updated
+
+    async def remove_advisory(self, product: str, ident: str) -> bool:
+        """Remove one advisory; returns whether it existed."""
+        cursor = await self._conn.execute(
+            "DELETE FROM advisories WHERE product = ? AND id = ?", (product, ident)
+        )
+        return cursor.rowcount > 0
+
+    # -- sync state --------------------------------------------------------------------------
+
+    async def sync_state(self, product: str) -> SyncState | None:
+        async with self._conn.execute(
+            "SELECT product, source, etag, last_attempt_at, last_success_at, last_error,"
+            " last_error_at, retry_after_at FROM sync_state WHERE product = ?",
+            (product,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return SyncState(*row) if row else None
+
+    async def sync_states(self) -> list[SyncState]:
+        async with self._conn.execute(
+            "SELECT product, source, etag, last_attempt_at, last_success_at, last_error,"
+            " last_error_at, retry_after_at FROM sync_state ORDER BY product"
+        ) as cursor:
+            return [SyncState(*row) for row in await cursor.fetchall()]
+
+    async def save_sync_state(self, state: SyncState) -> None:
+        await self._conn.execute(
+            "INSERT OR REPLACE INTO sync_state (product, source, etag, last_attempt_at,"
+            " last_success_at, last_error, last_error_at, retry_after_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (state.product, state.source, state.etag, state.last_attempt_at,
+             state.last_success_at, state.last_error, state.last_error_at,
+             state.retry_after_at),
+        )  # fmt: skip
+
+    async def sync_releases(
+        self, product: str, releases: Sequence[Release], *, prune: bool
+    ) -> tuple[int, int, int]:
+        """Add and update ``releases`` and, with ``prune``, remove the product's releases not
+        among them; one transaction. Returns (added, updated, removed)."""
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            added, updated = await self._import(product, releases, update=True)
+            removed = 0
+            if prune:
+                keep = json.dumps([r.tag for r in releases])
+                cursor = await self._conn.execute(
+                    "DELETE FROM releases WHERE product = ?"
+                    " AND tag NOT IN (SELECT value FROM json_each(?))",
+                    (product, keep),
+                )
+                removed = cursor.rowcount
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        return added, updated, removed
 
     async def seed_catalog(self, product: str, releases: Sequence[Release]) -> int:
         """Import ``releases`` once per database lifetime (the first start).
@@ -358,17 +761,23 @@ class Storage:
             raise
         return added
 
-    async def add_release(self, product: str, release: Release, *, replace: bool = False) -> None:
-        """Add one release; raises :class:`CatalogError` if the tag exists and not ``replace``."""
+    async def add_release(self, product: str, release: Release, *, replace: bool = False) -> bool:
+        """Add one release; returns ``True`` if it was new, ``False`` if it replaced one.
+
+        Raises :class:`CatalogError` if the tag exists and not ``replace``.
+        """
         await self._conn.execute("BEGIN IMMEDIATE")
         try:
-            added, updated = await self._import(product, [release], update=replace)
-            if not (added or updated or replace):
-                raise CatalogError(f"{product} {release.tag} is already in the catalog")
+            added, _ = await self._import(product, [release], update=replace)
+            if not (added or replace):
+                raise CatalogError(
+                    f"{product} {release.tag} is already in the catalog (use --replace)"
+                )
             await self._conn.execute("COMMIT")
         except BaseException:
             await self._rollback()
             raise
+        return bool(added)
 
     async def import_releases(self, product: str, releases: Sequence[Release]) -> tuple[int, int]:
         """Add new tags and update changed ones in one transaction; returns (added, updated)."""
@@ -396,7 +805,7 @@ class Storage:
         for release in releases:
             fields = (
                 release.release_notes,
-                json.dumps(list(release.assets)),
+                json.dumps([asset.to_json() for asset in release.assets]),
                 release.published.isoformat() if release.published else None,
                 int(release.prerelease),
             )
@@ -412,32 +821,248 @@ class Storage:
                 updated += cursor.rowcount
         return added, updated
 
-    # -- statistics -------------------------------------------------------------------------
+    # -- statistics: aggregates kept by a background task, read by the stats API ------------
 
-    async def stats(self, product: str, since: str, shards: Sequence[Path] = ()) -> Stats:
-        """Instances and reports per version and platform for ``product`` since day ``since``,
-        over the raw rows of this database and the worker ``shards``."""
-        async with self._attached(shards):
-            return await self._stats(product, since)
+    async def aggregate(
+        self, shards: Sequence[Path] = (), *, now: float | None = None, lag: float = 600.0
+    ) -> AggregateResult:
+        """Rewrite the aggregates of every (product, UTC day) that may have changed since the
+        last run, from the raw rows of this database and the worker ``shards``; then move the
+        watermark to ``now - lag``. Idempotent; run it on a connection of its own.
 
-    async def _stats(self, product: str, since: str) -> Stats:
-        args = (product, since)
-        async with self._conn.execute(TOTALS_SQL, args) as cursor:
-            instances, reports = await cursor.fetchone() or (0, 0)
-        async with self._conn.execute(CHECKS_SQL, args) as cursor:
-            (checks,) = await cursor.fetchone() or (0,)
-        async with self._conn.execute(INSTANCES_BY_VERSION_SQL, args) as cursor:
-            by_version = [VersionCount(v, i, r) for v, i, r in await cursor.fetchall()]
-        async with self._conn.execute(INSTANCES_BY_PLATFORM_SQL, args) as cursor:
-            by_platform = [PlatformCount(o, a, i) for o, a, i in await cursor.fetchall()]
-        by_version.sort(key=lambda c: parse_version(c.version).precedence, reverse=True)
-        return Stats(product, since, instances, reports, checks, by_version, by_platform)
+        A day is re-read whole (a primary-key range per product), so an instance seen on
+        several shards counts once and heap percentiles stay exact to a bucket. ``lag`` covers
+        batches stamped before ``now`` that commit after this run reads (they are re-read next
+        time). Days before the watermark are never read again, so the cost of a run is the
+        raw rows of today (and of yesterday, for ``lag`` seconds after midnight).
+        """
+        started = time.time() if now is None else now
+        watermark = await self.meta(WATERMARK_KEY)
+        async with self._attached(shards) as sources:
+            result = await self._aggregate_range(
+                sources, utc_day(watermark or 0), changed_since=watermark
+            )
+        await self.set_meta(WATERMARK_KEY, int(started - lag))
+        await self.set_meta(AGGREGATED_AT_KEY, int(started))
+        return result
+
+    async def _aggregate_range(
+        self,
+        sources: Sequence[str],
+        since: str,
+        before: str | None = None,
+        *,
+        changed_since: int | None = None,
+    ) -> AggregateResult:
+        """Rewrite the aggregates of every product-day from ``since`` (and before ``before``)
+        that has raw rows or release checks in ``sources`` (attached by :meth:`_attached`).
+
+        With ``changed_since``, a product-day none of whose rows was seen at or after that
+        time is not re-read (an idle server's run costs a few seeks); only its release
+        checks are brought up to date."""
+        product_days: dict[tuple[str, str], int] = {}
+        after = (datetime.date.fromisoformat(since) - datetime.timedelta(days=1)).isoformat()
+        for source in sources:
+            for product in await self._distinct_products(source):
+                for day in await self._distinct_days(source, product, after, before):
+                    product_days.setdefault((product, day), 0)
+        async with self._conn.execute(CHECK_DAYS_SQL, (since,)) as cursor:
+            for product, day, checks in await cursor.fetchall():
+                if before is None or day < before:
+                    product_days[(product, day)] = int(checks)
+        if len(sources) > 1:
+            await self._conn.execute(DAY_ROWS_SQL)
+        result = AggregateResult()
+        first_changed: dict[str, str] = {}
+        for (product, day), checks in sorted(product_days.items()):
+            if changed_since is not None and not await self._changed(
+                sources, product, day, changed_since
+            ):
+                await self._conn.execute(UPDATE_STATS_CHECKS_SQL, (product, day, checks))
+                continue
+            result.instances += await self._aggregate_day(sources, product, day, checks)
+            result.days += 1
+            first_changed.setdefault(product, day)
+        for product, day in first_changed.items():
+            await self._rebuild_heap_totals(product, day)
+        return result
+
+    async def _rebuild_heap_totals(self, product: str, since: str) -> None:
+        """Recompute the running heap totals of ``product`` from day ``since`` on (normally
+        today only: days before it do not change)."""
+        async with self._conn.execute(HEAP_TOTALS_DAYS_SQL, (product, since)) as cursor:
+            days = [day for (day,) in await cursor.fetchall()]
+        await self._stage("stats_heap_totals")
+        await self._conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS staged_heap_totals_from (product TEXT, since TEXT)"
+        )
+        await self._conn.execute("DELETE FROM temp.staged_heap_totals_from")
+        await self._conn.execute(
+            "INSERT INTO temp.staged_heap_totals_from VALUES (?, ?)", (product, since)
+        )
+        previous = None
+        for day in days:
+            await self._conn.execute(
+                STAGE_HEAP_TOTALS_SQL,
+                {"product": product, "day": day, "previous": previous, "since": since},
+            )
+            previous = day
+        await self._apply(APPLY_STAGED_HEAP_TOTALS_SQL)
+
+    async def _stage(self, table: str) -> None:
+        """An empty temp table ``staged_<table>`` shaped like ``main.<table>``."""
+        await self._conn.execute(STAGE_TABLE_SQL.format(table=table))
+        await self._conn.execute(f"DELETE FROM temp.staged_{table}")  # noqa: S608 - ours
+
+    async def _apply(self, script: str) -> None:
+        """Run a ``BEGIN IMMEDIATE ... COMMIT`` script in one call; rolled back on failure."""
+        try:
+            await self._conn.executescript(script)
+        except BaseException:
+            await self._rollback()
+            raise
+
+    async def _changed(self, sources: Sequence[str], product: str, day: str, since: int) -> bool:
+        for source in sources:
+            sql = CHANGED_SINCE_SQL.format(source=source)
+            async with self._conn.execute(sql, (product, day, since)) as cursor:
+                if await cursor.fetchone():
+                    return True
+        return False
+
+    async def _aggregate_day(
+        self, sources: Sequence[str], product: str, day: str, checks: int
+    ) -> int:
+        """Recompute one product-day's aggregates; returns its distinct instances."""
+        rows = "main.reports"
+        args = (product, day)
+        if len(sources) > 1:
+            rows = "temp.day_rows"
+            await self._conn.execute("DELETE FROM temp.day_rows")
+            for source in sources:
+                await self._conn.execute(MERGE_DAY_ROWS_SQL.format(source=source), args)
+        async with self._conn.execute(DAY_GROUPS_SQL.format(rows=rows), args) as cursor:
+            groups = await cursor.fetchall()
+        versions: Counter[str] = Counter()
+        reports_by_version: Counter[str] = Counter()
+        platforms: Counter[tuple[str, str]] = Counter()
+        min_compatible: Counter[str] = Counter()
+        heaps: Counter[tuple[str, int]] = Counter()
+        for version, os_name, arch, minimum, bucket, count, reports in groups:
+            versions[version] += count
+            reports_by_version[version] += reports
+            platforms[(os_name, arch)] += count
+            min_compatible[minimum] += count
+            if bucket is not None:
+                heaps[(version, bucket)] += count
+        detail: dict[str, list[tuple[Any, ...]]] = {
+            "stats_versions": [
+                (product, day, v, n, reports_by_version[v]) for v, n in versions.items()
+            ],
+            "stats_platforms": [(product, day, o, a, n) for (o, a), n in platforms.items()],
+            "stats_min_compatible": [(product, day, m, n) for m, n in min_compatible.items()],
+            "stats_heaps": [(product, day, v, b, n) for (v, b), n in heaps.items()],
+        }
+        instances = sum(versions.values())
+        reports = sum(reports_by_version.values())
+        if not instances:  # raw rows already purged, or release checks only
+            await self._conn.execute(UPDATE_STATS_CHECKS_SQL, (product, day, checks))
+            return 0
+        detail["stats_days"] = [(product, day, instances, reports, checks)]
+        for table in STATS_DAY_TABLES:
+            await self._stage(table)
+            await self._conn.executemany(STAGE_ROWS_SQL[table], detail[table])
+        await self._apply(APPLY_STAGED_DAY_SQL)
+        return instances
+
+    async def _distinct_products(self, source: str) -> list[str]:
+        products: list[str] = []
+        sql = NEXT_PRODUCT_SQL.format(source=source)
+        while True:
+            async with self._conn.execute(sql, (products[-1] if products else "",)) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                return products
+            products.append(row[0])
+
+    async def _distinct_days(
+        self, source: str, product: str, after: str, before: str | None
+    ) -> list[str]:
+        """The days after ``after`` (and before ``before``) with raw rows of ``product``."""
+        days: list[str] = []
+        sql = NEXT_DAY_SQL.format(source=source)
+        while True:
+            async with self._conn.execute(sql, (product, days[-1] if days else after)) as cursor:
+                row = await cursor.fetchone()
+            if row is None or (before is not None and row[0] >= before):
+                return days
+            days.append(row[0])
+
+    async def meta(self, key: str) -> int | None:
+        """The integer kept under ``key`` in the meta table, or ``None``."""
+        async with self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else None
+
+    async def set_meta(self, key: str, value: int) -> None:
+        """Keep ``value`` under ``key`` in the meta table (one autocommit statement)."""
+        await self._conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    async def window(self, product: str, since: str, until: str) -> Window:
+        """The aggregates of ``product`` for the UTC days ``since``..``until``."""
+        args = (product, since, until)
+        results = []
+        for sql in (
+            WINDOW_DAYS_SQL,
+            WINDOW_VERSIONS_SQL,
+            WINDOW_PLATFORMS_SQL,
+            WINDOW_MIN_COMPATIBLE_SQL,
+        ):
+            async with self._conn.execute(sql, args) as cursor:
+                results.append([tuple(row) for row in await cursor.fetchall()])
+        days, versions, platforms, min_compatible = results
+        named = {"product": product, "since": since, "until": until}
+        async with self._conn.execute(WINDOW_HEAPS_SQL, named) as cursor:
+            heaps = [tuple(row) for row in await cursor.fetchall()]
+        return Window(
+            days=days,
+            versions=versions,
+            platforms=platforms,
+            min_compatible=min_compatible,
+            heaps=heaps,
+            aggregated_at=await self.meta(AGGREGATED_AT_KEY),
+        )
+
+    async def products(self, today: str) -> list[ProductCounts]:
+        """Every product with releases or aggregated reports, by name."""
+        releases = dict(await self.release_counts())
+        async with self._conn.execute(PRODUCTS_SQL, (today,)) as cursor:
+            seen = {p: (int(r), int(i)) for p, r, i in await cursor.fetchall()}
+        return [
+            ProductCounts(name, releases.get(name, 0), *seen.get(name, (0, 0)))
+            for name in sorted(releases.keys() | seen.keys())
+        ]
+
+    async def release_counts(self) -> list[tuple[str, int]]:
+        """(product, releases in the catalog), by product."""
+        async with self._conn.execute(RELEASE_COUNTS_SQL) as cursor:
+            return sorted((p, int(n)) for p, n in await cursor.fetchall())
+
+    async def day_version_counts(self, day: str) -> list[tuple[str, str, int]]:
+        """(product, version, instances) aggregated for one UTC day."""
+        async with self._conn.execute(DAY_VERSION_COUNTS_SQL, (day,)) as cursor:
+            return [(p, v, int(i)) for p, v, i in await cursor.fetchall()]
 
     # -- retention ---------------------------------------------------------------------------
 
     async def roll_up_and_purge(self, before: str, shards: Sequence[Path] = ()) -> PurgeResult:
         """For every UTC day before ``before`` that still has raw rows (here or in ``shards``),
-        write its daily rollups, then delete its raw rows; one transaction per day.
+        write its statistics aggregates and daily rollups, then delete its raw rows; one
+        transaction per day.
 
         Run it on a connection of its own (not the ingest writer's): the transaction must not
         take in the writer's statements. An instance that reached two worker shards on one day
@@ -445,10 +1070,20 @@ class Storage:
         """
         result = PurgeResult()
         async with self._attached(shards) as sources:
-            async with self._conn.execute(
-                "SELECT DISTINCT day FROM all_reports WHERE day < ? ORDER BY day", (before,)
-            ) as cursor:
-                days = [day for (day,) in await cursor.fetchall()]
+            # Seeks in the primary key, not a scan of every row (this runs every hour).
+            days = sorted(
+                {
+                    day
+                    for source in sources
+                    for product in await self._distinct_products(source)
+                    for day in await self._distinct_days(source, product, "", before)
+                }
+            )
+            if days:  # the statistics must hold these days before their raw rows go
+                watermark = await self.meta(WATERMARK_KEY)
+                await self._aggregate_range(
+                    sources, utc_day(watermark or 0), changed_since=watermark
+                )
             for day in days:
                 await self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -481,21 +1116,22 @@ class Storage:
             days, rows = await cursor.fetchone() or (0, 0)
         return PurgeResult(days=int(days), rows_deleted=int(rows))
 
-    async def daily(self, product: str, since: str, shards: Sequence[Path] = ()) -> list[Day]:
-        """Instances and reports per UTC day since ``since``: from raw rows where they are
-        still kept, from the daily rollups where retention has removed them."""
-        args = (product, since, product, since)
-        async with self._attached(shards), self._conn.execute(DAILY_SQL, args) as cursor:
-            return [Day(d, i, r, source) for d, i, r, source in await cursor.fetchall()]
-
     @contextlib.asynccontextmanager
     async def _attached(self, shards: Sequence[Path]) -> AsyncIterator[list[str]]:
         """Attach ``shards`` and define ``all_reports`` / ``all_version_checks`` over them."""
         sources = ["main"]
         try:
             for number, shard in enumerate(shards, start=1):
-                await self._conn.execute(f"ATTACH DATABASE ? AS shard{number}", (str(shard),))
-                sources.append(f"shard{number}")
+                name = f"shard{number}"
+                await self._conn.execute(f"ATTACH DATABASE ? AS {name}", (str(shard),))
+                async with self._conn.execute(f"PRAGMA {name}.user_version") as cursor:
+                    row = await cursor.fetchone()
+                if not row or row[0] != len(MIGRATIONS):
+                    # A worker that is still creating its shard has committed nothing yet.
+                    await self._conn.execute(f"DETACH DATABASE {name}")
+                    logger.debug("%s is not migrated yet; left out", shard)
+                    continue
+                sources.append(name)
             for table in ("reports", "version_checks"):
                 # Schema and table names are ours (main, shardN; two constants), never input.
                 union = " UNION ALL ".join(f"SELECT * FROM {s}.{table}" for s in sources)  # noqa: S608
@@ -533,6 +1169,16 @@ def _percentile(values: list[int], percent: float) -> int | None:
     return ordered[rank - 1]
 
 
+def _synced_size(path: Path) -> int:
+    """Flush ``path`` to disk; its size in bytes."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        return os.fstat(descriptor).st_size
+    finally:
+        os.close(descriptor)
+
+
 def _checked_synchronous(value: str) -> str:
     if value.lower() not in ("off", "normal", "full", "extra"):
         raise ValueError(f"synchronous must be off, normal, full or extra, not {value!r}")
@@ -540,7 +1186,7 @@ def _checked_synchronous(value: str) -> str:
 
 
 def _release_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Release:
-    release_id, _product, tag, notes, assets, published, prerelease = row
+    release_id, product, tag, notes, assets, published, prerelease = row
     release = release_from_mapping(
         {
             "tag": tag,
@@ -548,7 +1194,8 @@ def _release_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Release:
             "assets": json.loads(assets),
             "published": published,
             "prerelease": bool(prerelease),
-        }
+        },
+        product,
     )
     return replace(release, id=int(release_id))
 
@@ -597,6 +1244,33 @@ async def _check_current(conn: aiosqlite.Connection, path: str | Path) -> None:
         )
 
 
+async def _connect(uri: str) -> aiosqlite.Connection:
+    """Connect in aiosqlite's thread. If we are cancelled meanwhile (a background task
+    stopped as the server shuts down), wait for the connection and close it: an abandoned
+    one would finish later and call back into an event loop that may be closed by then."""
+    connecting = asyncio.ensure_future(aiosqlite.connect(uri, isolation_level=None, uri=True))
+    try:
+        return await asyncio.shield(connecting)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await (await connecting).close()
+        raise
+
+
+async def _refuse_newer(
+    conn: aiosqlite.Connection,
+    path: str | Path,
+    migrations: Sequence[Sequence[str]] = MIGRATIONS,
+) -> None:
+    """Raise :class:`SchemaError` for a database migrated by a newer version."""
+    version, target = await _user_version(conn), len(migrations)
+    if version > target:
+        raise SchemaError(
+            f"{path} has schema version {version}, newer than this version's {target};"
+            " upgrade opa-telemetry"
+        )
+
+
 async def _user_version(conn: aiosqlite.Connection) -> int:
     async with conn.execute("PRAGMA user_version") as cursor:
         row = await cursor.fetchone()
@@ -611,12 +1285,7 @@ async def _migrate(
     Safe when several processes start at once: each step re-reads the version under the write
     lock. Raises :class:`SchemaError` for a database newer than ``migrations``.
     """
-    target = len(migrations)
-    if await _user_version(conn) > target:
-        raise SchemaError(
-            f"database schema version {await _user_version(conn)} is newer than this"
-            f" server's ({target}); upgrade opa-telemetry"
-        )
+    await _refuse_newer(conn, "database", migrations)
     for number, statements in enumerate(migrations, start=1):
         await conn.execute("BEGIN IMMEDIATE")
         try:

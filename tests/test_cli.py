@@ -85,10 +85,19 @@ def test_releases_import_and_bad_files(tmp_path: Path, capsys: pytest.CaptureFix
     db = make_db(tmp_path / "t.db", seed=False)
     source = tmp_path / "mine.json"
     source.write_text(
-        json.dumps([{"tag": "2.0.0", "assets": ["https://dl.example/app-2.0.0"]}, {"tag": "1.0.0"}])
+        json.dumps(
+            [
+                {
+                    "tag": "2.0.0",
+                    "release_notes": "https://dl.example/notes/2.0.0",
+                    "assets": ["https://dl.example/app-2.0.0_linux_amd64.tar.gz"],
+                },
+                {"tag": "1.0.0", "release_notes": "https://dl.example/notes/1.0.0"},
+            ]
+        )
     )
     code, out, _ = run(capsys, "releases", "import", str(source), "--db", db, "--product", "myapp")
-    assert (code, out) == (0, "myapp: 2 added, 0 updated, 2 read\n")
+    assert (code, out) == (0, "myapp: 2 added, 0 replaced, 2 read\n")
     assert run(capsys, "releases", "latest", "--db", db, "--product", "myapp")[1] == "2.0.0\n"
     source.write_text('[{"tag": "not-a-version"}]')
     code, _, err = run(capsys, "releases", "import", str(source), "--db", db)
@@ -108,11 +117,13 @@ def test_stats_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]
             (today,),
         )
     code, out, _ = run(capsys, "stats", "--db", db, "--json")
+    assert (code, json.loads(out)["reports"]) == (0, 0)  # not aggregated yet
+    code, out, _ = run(capsys, "stats", "--db", db, "--json", "--refresh")
     stats = json.loads(out)
-    assert (code, stats["instances"], stats["reports"]) == (0, 1, 3)
-    assert stats["by_version"] == [{"version": "1.5.1", "instances": 1, "reports": 3}]
+    assert (code, stats["instances"]["latest_day"], stats["reports"]) == (0, 1, 3)
+    assert stats["by_version"] == [{"version": "1.5.1", "instances": 1.0, "reports": 3}]
     code, out, _ = run(capsys, "stats", "--db", db, "--days", "1")
-    assert code == 0 and "1 instances, 3 reports" in out and "linux" in out
+    assert code == 0 and "1 average, 1 peak" in out and "3 reports" in out and "linux" in out
 
 
 def test_serve_flags_come_from_env_and_flags_win() -> None:

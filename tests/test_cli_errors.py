@@ -224,6 +224,9 @@ def test_the_server_errors_form_the_documented_tree() -> None:
     tree = {
         errors.RequestError: errors.TelemetryError,
         errors.ReportError: errors.RequestError,
+        errors.QueryError: errors.RequestError,
+        errors.UnauthorizedError: errors.RequestError,
+        errors.ForbiddenError: errors.RequestError,
         errors.NotFoundError: errors.RequestError,
         errors.SlowRequestError: errors.RequestError,
         errors.UnsupportedMediaTypeError: errors.RequestError,
@@ -233,8 +236,11 @@ def test_the_server_errors_form_the_documented_tree() -> None:
         errors.OverloadedError: errors.UnavailableError,
         errors.ShuttingDownError: errors.UnavailableError,
         errors.StorageUnavailableError: errors.UnavailableError,
+        errors.BackupError: errors.TelemetryError,
         errors.CatalogError: errors.TelemetryError,
+        errors.SyncError: errors.TelemetryError,
         errors.SchemaError: errors.TelemetryError,
+        errors.TlsError: errors.TelemetryError,
         errors.UsageError: errors.TelemetryError,
     }
     for error, parent in tree.items():

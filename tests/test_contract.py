@@ -49,7 +49,9 @@ async def test_recorded_opa_request_is_stored_and_answered(
             "release_notes": "https://github.com/open-policy-agent/opa/releases/tag/v1.20.2",
             "latest_release": "v1.20.2",
             "opa_up_to_date": False,
-        }
+        },
+        "advisories": [],  # 1.6.0 is past every bundled advisory's fix
+        "support": {"status": "supported"},
     }
     with sqlite3.connect(settings.db) as conn:
         rows = conn.execute(
@@ -95,3 +97,43 @@ async def test_reporter_reports_to_the_real_server_under_a_prefix(
     assert stored_rows(settings) == [("opa", "1.20.2")]
     latest = await check_latest("Open Policy Agent", "1.19.0", url=base)
     assert (latest.version, latest.up_to_date) == ("1.20.2", False)
+
+
+async def test_recorded_opa_0_70_request_gets_latest_unchanged_and_its_advisories(
+    aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    """OPA 0.70.0's own bytes: ``latest`` is exactly OPA's object (Go ignores the extra
+    top-level keys), and the advisories fixed after 0.70.0 come with it."""
+    settings = make_settings(tmp_path)
+    server = await aiohttp_server(create_app(settings), host="127.0.0.1")
+    recorded = (Path(__file__).parent / "data" / "opa-0.70.0-version-check.http").read_bytes()
+    assert server.port is not None
+    status, body = await raw_exchange(server.host, server.port, recorded)
+    assert status == 200
+    assert list(body) == ["latest", "advisories", "support"]
+    assert body["latest"] == {
+        "download": "https://openpolicyagent.org/downloads/v1.20.2/opa_linux_amd64",
+        "release_notes": "https://github.com/open-policy-agent/opa/releases/tag/v1.20.2",
+        "latest_release": "v1.20.2",
+        "opa_up_to_date": False,
+    }
+    ids = {advisory["id"]: advisory for advisory in body["advisories"]}
+    # Fixed in 1.0.1 and 1.4.0/1.4.1: 0.70.0 is affected. Windows-only ones are left out for
+    # this linux caller; everything fixed before 0.70.0 is left out.
+    assert set(ids) == {
+        "GHSA-6m8w-jc87-6cr7",
+        "CVE-2024-45341",
+        "CVE-2024-45336",
+        "CVE-2025-22870",
+        "CVE-2025-22871",
+    }
+    assert ids["GHSA-6m8w-jc87-6cr7"] == {
+        "id": "GHSA-6m8w-jc87-6cr7",
+        "aliases": ["CVE-2025-46569"],
+        "severity": "HIGH",
+        "summary": ids["GHSA-6m8w-jc87-6cr7"]["summary"],
+        "url": "https://github.com/open-policy-agent/opa/security/advisories/GHSA-6m8w-jc87-6cr7",
+        "fixed": "1.4.0",
+    }
+    assert ids["CVE-2024-45341"]["fixed"] == "1.0.1" and ids["CVE-2024-45341"]["severity"] is None
+    assert body["support"] == {"status": "supported"}

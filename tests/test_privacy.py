@@ -8,10 +8,9 @@ import logging
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
-from opa_telemetry_server.app import create_app
-from opa_telemetry_server.http_errors import ACCESS_LOG_FORMAT
+from opa_telemetry_server.app import create_app, runner_options
+from opa_telemetry_server.http_errors import ServerLog, bad_requests
 
 from .conftest import AiohttpServer, make_settings, report_body
 
@@ -35,10 +34,7 @@ async def test_no_address_in_database_or_logs(
     caplog.set_level(logging.DEBUG)
     settings = make_settings(tmp_path, access_log=True, rate_limit=1.0, rate_burst=1)
     server = await aiohttp_server(
-        create_app(settings),
-        host="127.0.0.1",
-        access_log=logging.getLogger("aiohttp.access"),
-        access_log_format=ACCESS_LOG_FORMAT,
+        create_app(settings), host="127.0.0.1", **runner_options(settings)
     )
     assert server.port is not None
     body = json.dumps(report_body()).encode()
@@ -50,6 +46,7 @@ async def test_no_address_in_database_or_logs(
     assert (await send_from(server.host, server.port, good)).startswith(b"HTTP/1.1 200")
     # Over the rate limit: the per-address bucket exists only in memory.
     assert (await send_from(server.host, server.port, good)).startswith(b"HTTP/1.1 429")
+    refused = bad_requests.total
     for bad in (
         b"GARBAGE\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
@@ -58,7 +55,7 @@ async def test_no_address_in_database_or_logs(
         await send_from(server.host, server.port, bad)
     await server.close()  # flush and close the database
 
-    assert any("Error handling request" in r.getMessage() for r in caplog.records)
+    assert bad_requests.total == refused + 2  # the garbage and the bad header: counted
     assert any('"POST /v1/version HTTP/1.1" 200' in r.getMessage() for r in caplog.records)
     for record in caplog.records:
         assert DISTINCT not in record.getMessage(), record.getMessage()
@@ -67,9 +64,14 @@ async def test_no_address_in_database_or_logs(
         assert DISTINCT.encode() not in path.read_bytes(), path
 
 
-def test_app_installs_redaction_once(tmp_path: Path) -> None:
-    create_app(make_settings(tmp_path))
-    app: web.Application = create_app(make_settings(tmp_path))
-    assert app is not None
-    filters = logging.getLogger("aiohttp.server").filters
-    assert len([f for f in filters if type(f).__name__ == "AddressRedactingFilter"]) == 1
+def test_what_aiohttp_logs_besides_bad_requests_loses_the_address(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as exc:
+        ServerLog().exception("Error handling request from %s", DISTINCT, exc_info=exc)
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR and record.exc_info  # a bug keeps its traceback
+    assert record.getMessage() == "Error handling request"

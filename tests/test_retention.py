@@ -13,7 +13,7 @@ import pytest
 
 from opa_telemetry_server.app import create_app, purge_expired
 from opa_telemetry_server.cli import main
-from opa_telemetry_server.migrations import SCHEMA_V1
+from opa_telemetry_server.migrations import MIGRATIONS, SCHEMA_V1
 from opa_telemetry_server.protocol import ClientInfo, parse_report
 from opa_telemetry_server.storage import Storage, existing_shards, shard_path
 
@@ -48,7 +48,7 @@ async def test_allow_listed_keys_are_stored_and_others_are_not(
         assert "key-123" not in "\n".join(conn.iterdump())
 
 
-async def test_a_version_1_database_with_data_migrates_to_version_2(tmp_path: Path) -> None:
+async def test_a_version_1_database_with_data_migrates_to_the_latest(tmp_path: Path) -> None:
     path = tmp_path / "v1.db"
     with sqlite3.connect(path, isolation_level=None) as conn:
         for statement in SCHEMA_V1:
@@ -60,7 +60,7 @@ async def test_a_version_1_database_with_data_migrates_to_version_2(tmp_path: Pa
         )
     storage = await Storage.open(path)
     try:
-        assert await storage.schema_version() == 2
+        assert await storage.schema_version() == len(MIGRATIONS)
     finally:
         await storage.close()
     with sqlite3.connect(path) as conn:
@@ -105,7 +105,8 @@ async def test_purge_rolls_up_old_days_across_shards_then_deletes_them(tmp_path:
     try:
         result = await storage.roll_up_and_purge("2026-02-01", existing_shards(db))
         again = await storage.roll_up_and_purge("2026-02-01", existing_shards(db))
-        daily = await storage.daily("opa", "2026-01-01", existing_shards(db))
+        await storage.aggregate(existing_shards(db))
+        window = await storage.window("opa", "2026-01-01", "2026-03-01")
     finally:
         await storage.close()
     assert (result.days, result.rows_deleted) == (2, 6)
@@ -121,10 +122,17 @@ async def test_purge_rolls_up_old_days_across_shards_then_deletes_them(tmp_path:
         ("2026-01-01", "1.6.0", 1, 7, 999, 999, 999),
         ("2026-01-02", "1.5.1", 1, 1, None, None, None),
     ]
-    assert [(d.day, d.instances, d.reports, d.source) for d in daily] == [
-        ("2026-01-01", 4, 13, "rollup"),
-        ("2026-01-02", 1, 1, "rollup"),
-        ("2026-03-01", 1, 1, "raw"),
+    # The statistics keep the purged days (aggregated before their raw rows went).
+    assert window.days == [
+        ("2026-01-01", 4, 13, 0),
+        ("2026-01-02", 1, 1, 0),
+        ("2026-03-01", 1, 1, 0),
+    ]
+    assert sorted(window.versions) == [
+        ("2026-01-01", "1.5.1", 3, 6),
+        ("2026-01-01", "1.6.0", 1, 7),
+        ("2026-01-02", "1.5.1", 1, 1),
+        ("2026-03-01", "1.5.1", 1, 1),
     ]
 
 
@@ -143,11 +151,12 @@ def test_purge_and_daily_stats_from_the_cli(
         f"rolling up 1 days before {cutoff} and delete their 1 raw rows (retention 30 days)",
         "1 days rolled up, 1 raw rows deleted",
     ]
-    assert main(["stats", "--db", str(db), "--daily", "--days", "60", "--json"]) == 0
-    days = json.loads(capsys.readouterr().out)
-    assert [(d["day"], d["reports"], d["source"]) for d in days] == [
-        (old, 4, "rollup"),
-        (today.isoformat(), 1, "raw"),
+    assert main(["stats", "--db", str(db), "--refresh", "--days", "60", "--json"]) == 0
+    days = json.loads(capsys.readouterr().out)["daily"]
+    assert len(days) == 60
+    assert [(d["day"], d["reports"]) for d in days if d["reports"]] == [
+        (old, 4),
+        (today.isoformat(), 1),
     ]
 
 

@@ -47,7 +47,9 @@ async def test_post_version_stores_report_and_answers_latest(
             "release_notes": "https://github.com/open-policy-agent/opa/releases/tag/v1.20.2",
             "latest_release": "v1.20.2",
             "opa_up_to_date": False,
-        }
+        },
+        "advisories": [],
+        "support": {"status": "supported"},
     }
     assert stored(settings) == [("opa", "1.5.1", "linux", "amd64", 1)]
 
@@ -81,7 +83,11 @@ async def test_unknown_product_is_stored_and_answered_with_no_release(
     client: Client, settings: Settings
 ) -> None:
     response = await post(client, report_body(version="1.2.3"), ua="MyApp/1.2.3 (linux, amd64)")
-    assert await response.json() == {"latest": {"opa_up_to_date": True}}
+    assert await response.json() == {
+        "latest": {"opa_up_to_date": True},
+        "advisories": [],
+        "support": {"status": "supported"},
+    }
     assert stored(settings) == [("myapp", "1.2.3", "linux", "amd64", 1)]
 
 

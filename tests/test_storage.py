@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosqlite
 import pytest
 
+from opa_telemetry_server.catalog import load_catalog
 from opa_telemetry_server.errors import CatalogError, SchemaError
 from opa_telemetry_server.migrations import MIGRATIONS
 from opa_telemetry_server.protocol import Report
@@ -91,7 +94,7 @@ async def test_seed_catalog_runs_once_even_after_removals(storage: Storage) -> N
     assert await storage.seed_catalog("opa", bundled_releases()) == 139
     assert await storage.remove_release("opa", "v1.20.2")
     assert await storage.seed_catalog("opa", bundled_releases()) == 0
-    catalog = await storage.load_catalog()
+    catalog = await load_catalog(storage)
     assert catalog.latest("opa").tag == "v1.20.1"  # type: ignore[union-attr]
 
 
@@ -111,8 +114,9 @@ async def test_add_release_refuses_duplicates_unless_replacing(storage: Storage)
         await storage.add_release("opa", release_from_mapping({"tag": "v9.0.0"}))
     changed = release_from_mapping({"tag": "v9.0.0", "assets": ["opa_linux_amd64"]})
     await storage.add_release("opa", changed, replace=True)
-    latest = (await storage.load_catalog()).latest("opa")
-    assert latest is not None and latest.assets == ("opa_linux_amd64",) and latest.id > 0
+    latest = (await load_catalog(storage)).latest("opa")
+    assert latest is not None and latest.id > 0
+    assert [a.to_json() for a in latest.assets] == ["opa_linux_amd64"]
 
 
 async def test_import_counts_added_and_updated(storage: Storage) -> None:
@@ -126,7 +130,7 @@ async def test_import_counts_added_and_updated(storage: Storage) -> None:
     assert await storage.import_releases("opa", again) == (1, 1)
 
 
-async def test_stats_count_instances_per_version_and_platform(storage: Storage) -> None:
+async def test_aggregates_count_instances_per_day_version_and_platform(storage: Storage) -> None:
     ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
     await storage.write_batch(
         [
@@ -141,18 +145,45 @@ async def test_stats_count_instances_per_version_and_platform(storage: Storage) 
     await storage.write_batch(
         [Report("opa", ids[3], parse_version("0.26.0-dev"), None, None, None, None)], [], DAY2
     )
-    stats = await storage.stats("opa", "2026-09-21")
-    assert (stats.instances, stats.reports, stats.version_checks) == (4, 5, 1)
-    assert [(v.version, v.instances, v.reports) for v in stats.by_version] == [
-        ("1.20.2", 1, 1),
-        ("1.5.1", 2, 3),
-        ("0.26.0-dev", 1, 1),
+    assert (await storage.window("opa", "2026-09-21", "2026-09-22")).days == []  # not yet
+    result = await storage.aggregate(now=DAY2 + 60)
+    assert (result.days, result.instances) == (2, 4)
+    window = await storage.window("opa", "2026-09-21", "2026-09-22")
+    assert window.days == [("2026-09-21", 3, 4, 1), ("2026-09-22", 1, 1, 0)]
+    assert sorted(window.versions) == [
+        ("2026-09-21", "1.20.2", 1, 1),
+        ("2026-09-21", "1.5.1", 2, 3),
+        ("2026-09-22", "0.26.0-dev", 1, 1),
     ]
-    assert [(p.os, p.arch, p.instances) for p in stats.by_platform] == [
-        ("linux", "amd64", 3),
-        ("unknown", "unknown", 1),
+    assert sorted(window.platforms) == [("", "", 1), ("linux", "amd64", 3)]
+    assert window.min_compatible == [("", 4)]
+    assert window.aggregated_at == int(DAY2 + 60)
+    assert (await storage.window("opa", "2026-09-22", "2026-09-22")).days == [
+        ("2026-09-22", 1, 1, 0)
     ]
-    assert (await storage.stats("opa", "2026-09-22")).instances == 1
+
+
+async def test_aggregation_rereads_only_days_since_its_watermark(storage: Storage) -> None:
+    await storage.write_batch([report(heap=1000)], [], DAY1)
+    await storage.aggregate(now=DAY2 + 3600)  # the watermark moves past DAY1
+    with sqlite3.connect(storage.path) as conn:  # a change to an old day is not re-read
+        conn.execute("UPDATE reports SET report_count = 50")
+    await storage.write_batch([report("00000000-0000-4000-8000-000000000009")], [], DAY2 + 3700)
+    result = await storage.aggregate(now=DAY2 + 7200)
+    assert result.days == 1
+    assert (await storage.aggregate(now=DAY2 + 7300)).days == 0  # nothing new: no day re-read
+    window = await storage.window("opa", "2026-09-21", "2026-09-22")
+    assert window.days == [("2026-09-21", 1, 1, 0), ("2026-09-22", 1, 1, 0)]
+
+
+async def test_heap_histogram_buckets_are_an_eighth_of_a_doubling(storage: Storage) -> None:
+    ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
+    heaps = [0, 1024, 1100, 2048]  # 1024 and 1100 share a bucket (1100 < 1024 * 2^(1/8))
+    reports = [report(i, heap=h) for i, h in zip(ids, heaps, strict=True)]
+    await storage.write_batch(reports, [], DAY1)
+    await storage.aggregate(now=DAY1)
+    window = await storage.window("opa", "2026-09-21", "2026-09-21")
+    assert sorted(window.heaps) == [("1.5.1", 0, 1), ("1.5.1", 80, 2), ("1.5.1", 88, 1)]
 
 
 async def test_migrate_applies_missing_steps_in_order_and_keeps_data(tmp_path: Path) -> None:
@@ -190,3 +221,56 @@ async def test_open_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> Non
     (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(SchemaError, match="cannot use"):
         await Storage.open(tmp_path / "junk.db")
+
+
+async def test_a_window_of_heaps_is_the_running_totals_difference(storage: Storage) -> None:
+    day3 = DAY2 + 86_400
+    await storage.write_batch([report(heap=1024)], [], DAY1)
+    await storage.write_batch([report(heap=2048)], [], DAY2)
+    await storage.write_batch([report(heap=4096), report("x" * 36, heap=4096)], [], day3)
+    await storage.aggregate(now=day3)
+
+    async def heaps(since: str, until: str) -> list[tuple[str, int, int]]:
+        return sorted((await storage.window("opa", since, until)).heaps)
+
+    assert await heaps("2026-09-21", "2026-09-23") == [
+        ("1.5.1", 80, 1),
+        ("1.5.1", 88, 1),
+        ("1.5.1", 96, 2),
+    ]
+    assert await heaps("2026-09-22", "2026-09-22") == [("1.5.1", 88, 1)]
+    assert await heaps("2026-09-23", "2026-09-30") == [("1.5.1", 96, 2)]
+    assert await heaps("2026-09-01", "2026-09-20") == []
+    # A re-read day (here the middle one, rewritten) carries into the later totals.
+    with sqlite3.connect(storage.path) as conn:
+        conn.execute("UPDATE reports SET heap_usage_bytes = 1024 WHERE day = '2026-09-22'")
+        conn.execute("DELETE FROM meta WHERE key = 'stats_watermark'")
+    await storage.aggregate(now=day3)
+    assert await heaps("2026-09-21", "2026-09-23") == [("1.5.1", 80, 2), ("1.5.1", 96, 2)]
+
+
+def test_a_cancelled_open_never_calls_back_into_a_closed_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background task stopped while it opens the database (retention, sync) as the server
+    shuts down: when the task is done, aiosqlite's thread has nothing left to deliver, so
+    closing the loop right away cannot make that thread fail."""
+    failures: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failures.append(args.exc_value))
+    before = set(threading.enumerate())
+
+    async def open_then_stop() -> None:
+        opening = asyncio.create_task(Storage.open(tmp_path / "t.db"))
+        await asyncio.sleep(0)  # it now waits for the connection in aiosqlite's thread
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(open_then_stop())
+    finally:
+        loop.close()  # at once, as a server's loop closes after its cleanup
+    for thread in set(threading.enumerate()) - before:
+        thread.join(5)  # a hang guard
+    assert failures == []
