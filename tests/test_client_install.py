@@ -92,10 +92,12 @@ def test_client_only_install_has_nothing_of_the_servers_dependencies(
         timeout=60,
     )
     assert server.returncode == 1
-    assert server.stderr == (
-        "error: the server needs the 'server' extra (aiohttp is not installed): "
-        "pip install 'opa-telemetry[server]'\n"
-    )
+    missing = "|".join(opa_telemetry_server._SERVER_DEPENDENCIES)
+    assert re.fullmatch(
+        rf"error: the server needs the 'server' extra \(({missing}) is not installed\): "
+        r"pip install 'opa-telemetry\[server\]'\n",
+        server.stderr,
+    ), server.stderr
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the venv layout below is POSIX's")
