@@ -14,19 +14,19 @@ $(BIN)/python:
 
 # One stamp per set of extras, remade whenever the package description changes.
 $(VENV)/.stamp-run: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[fast]'
+	$(BIN)/python -m pip install --quiet -e '.[server,fast]'
 	touch $@
 
 $(VENV)/.stamp-test: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[fast,test]'
+	$(BIN)/python -m pip install --quiet -e '.[server,fast,test]'
 	touch $@
 
 $(VENV)/.stamp-lint: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[fast,test,lint]'
+	$(BIN)/python -m pip install --quiet -e '.[server,fast,test,lint]'
 	touch $@
 
 $(VENV)/.stamp-bench: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[fast,loadtest]'
+	$(BIN)/python -m pip install --quiet -e '.[server,fast,loadtest,test]'
 	touch $@
 
 run: $(VENV)/.stamp-run

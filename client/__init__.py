@@ -1,7 +1,8 @@
 """opa-telemetry client: report a product's version in the background, never blocking startup.
 
-Importing this package is cheap: aiohttp is imported in a worker thread when the first report
-goes out, not here.
+Importing this package is cheap (a few milliseconds over ``asyncio`` and ``logging``): it needs
+nothing outside the standard library, and no module that ``asyncio`` does not load already but
+``json``. Nothing is imported later, when reports go out.
 """
 
 from .answer import LatestRelease

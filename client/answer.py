@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import AnswerError
 
 SERIOUS_SEVERITIES = frozenset({"HIGH", "CRITICAL"})
 
 
-@dataclass(frozen=True, slots=True)
-class Advisory:
-    """A security advisory the service says affects the running version.
+class Advisory(NamedTuple):
+    """A security advisory the service says affects the running version (immutable).
 
     ``severity`` is the advisory database's word (``LOW``, ``MODERATE``, ``HIGH``,
     ``CRITICAL``) or ``None``; ``fixed`` is the first version that fixes it, if known.
@@ -31,8 +30,7 @@ class Advisory:
         return self.severity in SERIOUS_SEVERITIES
 
 
-@dataclass(frozen=True, slots=True)
-class Support:
+class Support(NamedTuple):
     """The service's word on the running version: ``status`` is ``supported``,
     ``unsupported`` (below ``min_version``) or ``yanked`` (withdrawn, with ``reason``)."""
 
@@ -42,13 +40,15 @@ class Support:
     reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class LatestRelease:
-    """What the service said about the newest release.
+class LatestRelease(NamedTuple):
+    """What the service said about the newest release (immutable).
 
     ``latest_release`` is the tag (``v1.5.1``); ``download`` and ``release_notes`` are URLs;
     all three are ``None`` when the service knows no release. ``up_to_date`` is the service's
     verdict (OPA trusts it rather than comparing versions itself).
+
+    A NamedTuple rather than a dataclass: building a dataclass costs about a millisecond at
+    import (it compiles generated code), and importing this package must stay cheap.
     """
 
     latest_release: str | None

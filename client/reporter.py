@@ -1,30 +1,26 @@
 """The background reporter: an app's startup never waits on the network.
 
-:meth:`Reporter.start` only schedules a task. That task imports the transport in a worker
-thread, opens its own HTTP session, reports at once and then on OPA's schedule. Every failure
-ends at the one ``except Exception`` below and is logged at DEBUG; nothing reaches the host
-app. :meth:`Reporter.aclose` cancels the task and waits a bounded time for it.
+:meth:`Reporter.start` only schedules a task. That task reports at once and then on OPA's
+schedule; each report's exchange runs in a thread of its own and the task only awaits it, and
+nothing is imported on the way (see :mod:`.transport`). Every
+failure ends at the one ``except Exception`` below and is logged at DEBUG; nothing reaches the
+host app. :meth:`Reporter.aclose` cancels the task and waits a bounded time for it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib
 import inspect
 import logging
 import os
-import random
-import sys
-import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
-from types import ModuleType, TracebackType
-from typing import Any
+from types import TracebackType
+from typing import Protocol
 
 from .answer import LatestRelease
 from .config import do_not_track, service_base_url, version_url
-from .payload import Gatherer, Payload, build_payload, check_product_name
+from .payload import Gatherer, Payload, build_payload, check_product_name, new_instance_id
+from .transport import post_report
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +28,26 @@ logger = logging.getLogger(__name__)
 _ADVISORIES_LOGGED: set[tuple[str, str, str]] = set()
 
 OnLatest = Callable[[LatestRelease], Awaitable[None] | None]
-_TRANSPORT = "opa_telemetry.transport"
 
 
-@dataclass(frozen=True, slots=True)
+class Uniform(Protocol):
+    """A source of jitter: ``random.Random`` or anything with its ``uniform``."""
+
+    def uniform(self, a: float, b: float) -> float: ...
+
+
+class _OSRandom:
+    """Jitter from ``os.urandom`` (``random`` is not imported: this package's import stays
+    cheap, and fresh randomness after a fork comes for free)."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * int.from_bytes(os.urandom(7), "big") / (1 << 56)
+
+
+_SCHEDULE_FIELDS = ("first_delay", "interval", "interval_count", "long_interval", "jitter",
+                    "max_delay")  # fmt: skip
+
+
 class Schedule:
     """When reports go out. The default is OPA 1.x's: one at start, then hourly six times,
     then every six hours; each wait is scaled by a random factor in ``1 ± jitter`` so a fleet
@@ -45,29 +57,59 @@ class Schedule:
     service that is down is not hammered by a whole fleet; a ``Retry-After`` from the service
     is honoured as a minimum, clamped to ``max_delay`` so that no header can silence a
     reporter for longer.
+
+    Immutable. A plain class rather than a dataclass: building a dataclass costs about a
+    millisecond at import, and importing this package must stay cheap.
     """
 
-    first_delay: float = 0.0
-    interval: float = 3600.0
-    interval_count: int = 6
-    long_interval: float = 6 * 3600.0
-    jitter: float = 0.1
-    max_delay: float = 24 * 3600.0
+    __slots__ = _SCHEDULE_FIELDS
 
-    def __post_init__(self) -> None:
-        if min(self.first_delay, self.interval, self.long_interval) < 0 or not (
-            0 <= self.jitter < 1
-        ):
+    first_delay: float
+    interval: float
+    interval_count: int
+    long_interval: float
+    jitter: float
+    max_delay: float
+
+    def __init__(
+        self,
+        first_delay: float = 0.0,
+        interval: float = 3600.0,
+        interval_count: int = 6,
+        long_interval: float = 6 * 3600.0,
+        jitter: float = 0.1,
+        max_delay: float = 24 * 3600.0,
+    ) -> None:
+        if min(first_delay, interval, long_interval) < 0 or not (0 <= jitter < 1):
             raise ValueError("delays must be non-negative and 0 <= jitter < 1")
-        if self.max_delay < max(self.interval, self.long_interval):
+        if max_delay < max(interval, long_interval):
             raise ValueError("max_delay must be at least the longest interval")
+        values = (first_delay, interval, interval_count, long_interval, jitter, max_delay)
+        for name, value in zip(_SCHEDULE_FIELDS, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Schedule is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return self._values() == other._values() if isinstance(other, Schedule) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        pairs = zip(_SCHEDULE_FIELDS, self._values(), strict=True)
+        return f"Schedule({', '.join(f'{name}={value!r}' for name, value in pairs)})"
+
+    def _values(self) -> tuple[float, ...]:
+        return tuple(getattr(self, name) for name in _SCHEDULE_FIELDS)
 
     def next_delay(
         self,
         scheduled: float,
         failures: int,
         retry_after: float | None,
-        rng: random.Random,
+        rng: Uniform,
     ) -> float:
         """The wait before the next attempt: ``scheduled`` (already jittered) doubled per
         consecutive failure, at least ``retry_after``, never more than ``max_delay``."""
@@ -78,7 +120,7 @@ class Schedule:
             delay = max(delay, retry_after)
         return float(min(delay, self.max_delay))
 
-    def delays(self, rng: random.Random) -> Iterator[float]:
+    def delays(self, rng: Uniform) -> Iterator[float]:
         """The wait before each report, forever."""
         yield self.first_delay
         for _ in range(self.interval_count):
@@ -86,17 +128,8 @@ class Schedule:
         while True:
             yield self._jittered(self.long_interval, rng)
 
-    def _jittered(self, delay: float, rng: random.Random) -> float:
+    def _jittered(self, delay: float, rng: Uniform) -> float:
         return delay * rng.uniform(1 - self.jitter, 1 + self.jitter)
-
-
-async def import_transport() -> ModuleType:
-    """The transport module, imported in a worker thread the first time (aiohttp's import and
-    TLS set-up take tens of milliseconds that must not stall the host's event loop)."""
-    module = sys.modules.get(_TRANSPORT)
-    if module is None:
-        module = await asyncio.to_thread(importlib.import_module, _TRANSPORT)
-    return module
 
 
 class Reporter:
@@ -131,13 +164,14 @@ class Reporter:
         self.schedule = schedule or Schedule()
         self.timeout = timeout
         self.close_timeout = close_timeout
-        self.instance_id = str(uuid.uuid4())
+        self.instance_id = new_instance_id()
         self.reports_sent = 0
         self._gatherers = dict(gatherers or {})
         self._on_latest = on_latest
+        self._environ = environ
         self._task: asyncio.Task[None] | None = None
         self._pid = os.getpid()
-        self._rng = random.Random()  # noqa: S311 - jitter, not secrets
+        self._rng = _OSRandom()
 
     def payload(self) -> Payload:
         """What the next report would send (the dry run)."""
@@ -155,7 +189,7 @@ class Reporter:
             # Created before a fork (a pre-fork server): this process is a new instance, and
             # the parent's task belongs to a loop that does not run here.
             self._pid, self._task = os.getpid(), None
-            self.instance_id = str(uuid.uuid4())
+            self.instance_id = new_instance_id()
         if not self.enabled or self._task is not None:
             return
         loop = asyncio.get_running_loop()
@@ -187,46 +221,27 @@ class Reporter:
         await self.aclose()
 
     async def _run(self) -> None:
-        session: Any = None
         failures, retry_after = 0, None
-        loop_gone = False
-        try:
-            for scheduled in self.schedule.delays(self._rng):
-                delay = self.schedule.next_delay(scheduled, failures, retry_after, self._rng)
-                await asyncio.sleep(delay)
-                answered = False
-                try:
-                    transport = await import_transport()
-                    if session is None:
-                        session = transport.new_session()
-                    latest = await transport.post_report(
-                        session, self.url, self.payload(), self.timeout
-                    )
-                    answered = True
-                    self.reports_sent += 1
-                    failures, retry_after = 0, None
-                    await self._deliver(latest)
-                except Exception as exc:  # the client's one catch-all: nothing reaches the host
-                    if not _loop_running():  # closed under us (GeneratorExit, re-raised as
-                        loop_gone = True  # another error by a library): stop, await nothing
-                        return
-                    if answered:  # the host's on_latest callback failed, not the service
-                        logger.debug("opa-telemetry on_latest callback failed", exc_info=True)
-                        continue
-                    failures += 1
-                    retry_after = getattr(exc, "retry_after", None)
-                    logger.debug("opa-telemetry report to %s failed (%d in a row)", self.url,
-                                 failures, exc_info=True)  # fmt: skip
-        except GeneratorExit:
-            # The host closed its loop with us mid-await: nothing can be awaited any more.
-            loop_gone = True
-            raise
-        finally:
-            if session is not None:
-                if loop_gone:
-                    _abandon(session)
-                else:
-                    await session.close()
+        for scheduled in self.schedule.delays(self._rng):
+            delay = self.schedule.next_delay(scheduled, failures, retry_after, self._rng)
+            await asyncio.sleep(delay)
+            answered = False
+            try:
+                latest = await post_report(self.url, self.payload(), self.timeout, self._environ)
+                answered = True
+                self.reports_sent += 1
+                failures, retry_after = 0, None
+                await self._deliver(latest)
+            except Exception as exc:  # the client's one catch-all: nothing reaches the host
+                if not _loop_running():  # closed under us (GeneratorExit, re-raised as another
+                    return  # error by a callback): stop, await nothing
+                if answered:  # the host's on_latest callback failed, not the service
+                    logger.debug("opa-telemetry on_latest callback failed", exc_info=True)
+                    continue
+                failures += 1
+                retry_after = getattr(exc, "retry_after", None)
+                logger.debug("opa-telemetry report to %s failed (%d in a row): %s", self.url,
+                             failures, exc, exc_info=True)  # fmt: skip
 
     async def _deliver(self, latest: LatestRelease) -> None:
         for advisory in latest.advisories:
@@ -262,15 +277,6 @@ class Reporter:
                 await result
 
 
-def _abandon(session: Any) -> None:
-    """Mark a session closed without awaiting (its loop is gone), so that aiohttp does not log
-    "Unclosed client session" for it at garbage collection. ``_close`` is the connector's
-    synchronous close; with a closed loop it only sets the flag. If a future aiohttp renames
-    it, the only loss is that log line."""
-    with contextlib.suppress(AttributeError, TypeError):
-        session.connector._close()
-
-
 def _loop_running() -> bool:
     try:
         asyncio.get_running_loop()
@@ -295,8 +301,5 @@ async def check_latest(
     """
     check_product_name(product)
     target = version_url(service_base_url(url, environ))
-    payload = build_payload(product, version, str(uuid.uuid4()))
-    transport = await import_transport()
-    async with transport.new_session() as session:
-        latest: LatestRelease = await transport.post_report(session, target, payload, timeout)
-    return latest
+    payload = build_payload(product, version, new_instance_id())
+    return await post_report(target, payload, timeout, environ)
