@@ -26,7 +26,7 @@ $(VENV)/.stamp-lint: setup.cfg pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.stamp-bench: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[server,fast,loadtest,test]'
+	$(BIN)/python -m pip install --quiet -e '.[server,fast,loadtest,postgres,test]'
 	touch $@
 
 run: $(VENV)/.stamp-run
