@@ -1,6 +1,7 @@
 """Build a fleet database for the statistics benchmarks, through the server's own write path.
 
     python bench/fleet.py --instances 100000 --days 90 --db /tmp/fleet.db
+    python bench/fleet.py --instances 100000 --days 90 --db postgresql://user:pw@127.0.0.1/fleet
 
 Simulates ``--instances`` OPA processes reporting every day for ``--days`` UTC days ending
 today: one raw row per instance and day (``instances * days`` rows), written with
@@ -9,7 +10,10 @@ statistics aggregates up to date with ``Storage.aggregate`` as a running server 
 about 8% of the processes restart with a new random id (OPA makes one at every start), and a
 restart upgrades to the newest release published by then with probability 0.3; platforms,
 heap usage and ``min_compatible_version`` follow fixed shares. Deterministic for a ``--seed``.
-The result is served as is: ``opa-telemetry-server serve --db PATH``.
+The database is opened with ``open_storage`` (the backend the ``--db`` value names: a new SQLite
+file, with ``synchronous=off`` while it is built, or an empty PostgreSQL database, whose schema
+is created) and written only through the ``Storage`` interface. The result is served as is:
+``opa-telemetry-server serve --db PATH``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import TypeVar
 
 from opa_telemetry_server.protocol import Report
 from opa_telemetry_server.releases import Release, bundled_releases
-from opa_telemetry_server.storage.sqlite import SqliteStorage
+from opa_telemetry_server.settings import Settings
+from opa_telemetry_server.storage import is_postgres_url, open_storage
 from opa_telemetry_server.versions import parse_version
 
 T = TypeVar("T")
@@ -49,22 +54,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=100_000)
     parser.add_argument("--days", type=int, default=90)
-    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--db", required=True, help="a new SQLite file or an empty PostgreSQL URL")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     if not 1 <= args.instances <= 1_000_000 or not 1 <= args.days <= 400:
         parser.error("--instances must be 1..1000000 and --days 1..400")
-    if args.db.exists():
+    postgres = is_postgres_url(args.db)
+    if not postgres and Path(args.db).exists():
         parser.error(f"{args.db} exists: give a new path")
     asyncio.run(build(args.db, args.instances, args.days, random.Random(args.seed)))
-    print(f"{args.db}: {args.db.stat().st_size / 2**20:,.0f} MiB")
+    if not postgres:
+        print(f"{args.db}: {Path(args.db).stat().st_size / 2**20:,.0f} MiB")
     return 0
 
 
-async def build(db: Path, instances: int, days: int, rng: random.Random) -> None:
+async def build(db: str, instances: int, days: int, rng: random.Random) -> None:
     started = time.monotonic()
-    storage = await SqliteStorage.open(db, synchronous="off")
+    # A long busy_timeout: on PostgreSQL it is the statement timeout, and the first
+    # aggregation of a large fleet takes longer than a request would be allowed to.
+    settings = Settings(db=db, synchronous="off", busy_timeout=600.0)
+    storage = await open_storage(settings)
     try:
+        if is_postgres_url(db) and await storage.release_counts():
+            raise SystemExit(f"error: {storage.path} already holds data: give an empty database")
         releases = bundled_releases()
         await storage.seed_catalog("opa", releases)
         today = datetime.now(UTC).date()

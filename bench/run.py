@@ -17,6 +17,14 @@ per-request commit (``--batch-size 1``) against group commit, and
 the "skeleton" rows show the bare handler plus only a durable acknowledgement's waiting (no
 validation, no storage; ``bare_server.py --await-batch``) against the plain bare handler: the
 ceiling any server that answers after a commit reaches on this loop, before doing any work.
+
+With ``--postgres`` (the default where PostgreSQL's server binaries are installed) the run also
+starts a private PostgreSQL cluster (``tests/pgcluster.py``: ``initdb`` in a temporary
+directory, on a free loopback port, as the ``postgres`` user when run as root; ``fsync=off``,
+as in the tests) and adds the load tester's rows for one node (one ``serve`` process) and two
+nodes (two ``serve`` processes on two ports, one database, each node driven by its own load
+tester with half the connections), printed beside the real server on SQLite with 1 and 2
+workers. Their stored count is read from the database. The cluster is removed at the end.
 Everything listens on 127.0.0.1 only, every load is bounded by ``--duration``, and every
 process started here is stopped here.
 """
@@ -45,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tests/pgcluster.py: the private PostgreSQL cluster
 HOST = "127.0.0.1"
 CONNECTIONS = (16, 64, 256)
 NEW_CONNECTION_CONNECTIONS = 64  # concurrent connect-send-close loops in the "new-conn" rows
@@ -98,26 +107,57 @@ def bare_command(port: int, workers: int, *extra: str) -> list[str]:
             "--workers", str(workers), *extra]  # fmt: skip
 
 
-def real_command(port: int, workers: int, db: Path, *extra: str) -> list[str]:
+def real_command(port: int, workers: int, db: Path | str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "opa_telemetry_server", "serve", "--host", HOST,
             "--port", str(port), "--db", str(db), "--workers", str(workers),
             "--no-access-log", "--log-level", "warning", "--rate-limit", "0",
             *extra]  # fmt: skip
 
 
-def loadtest(port: int, connections: int, duration: float, new_connection: bool = False) -> Measure:
+def loadtest_command(port: int, connections: int, duration: float, new_connection: bool = False,
+                     seed: int = 7) -> list[str]:  # fmt: skip
     """One load tester run; failures are counted, not fatal (exit 1 only if none succeeded)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "opa_telemetry.loadtest", f"http://{HOST}:{port}",
-         "--concurrency", str(connections), "--duration", str(duration),
-         "--instances", "20000", "--seed", "7", "--max-failure-ratio", "1", "--json", "-",
-         *(["--new-connection"] if new_connection else [])],
-        capture_output=True, text=True, check=True, timeout=duration + 120,
-    ).stdout  # fmt: skip
+    return [sys.executable, "-m", "opa_telemetry.loadtest", f"http://{HOST}:{port}",
+            "--concurrency", str(connections), "--duration", str(duration),
+            "--instances", "20000", "--seed", str(seed), "--max-failure-ratio", "1",
+            "--json", "-", *(["--new-connection"] if new_connection else [])]  # fmt: skip
+
+
+def parse_loadtest(out: str) -> Measure:
     result = json.loads(out)  # stdout holds only the JSON
     latency = result["latency_ms"]
     return Measure(result["throughput_rps"], latency["p50"], latency["p99"],
                    result["reports_acknowledged"])  # fmt: skip
+
+
+def loadtest(port: int, connections: int, duration: float, new_connection: bool = False) -> Measure:
+    out = subprocess.run(
+        loadtest_command(port, connections, duration, new_connection),
+        capture_output=True, text=True, check=True, timeout=duration + 120,
+    ).stdout  # fmt: skip
+    return parse_loadtest(out)
+
+
+def split_loadtest(ports: Sequence[int], connections: int, duration: float) -> Measure:
+    """One load tester per port, all at once, the connections split evenly between them (each
+    with its own seed: different instances). Throughputs and 200s add up; the p50 is the
+    load-weighted mean of theirs and the p99 the worst of theirs."""
+    share = max(1, connections // len(ports))
+    commands = [loadtest_command(port, share, duration, seed=7 + i) for i, port in enumerate(ports)]
+    processes = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in commands]
+    measures = []
+    for process in processes:
+        out, _ = process.communicate(timeout=duration + 120)
+        if process.returncode != 0:
+            raise RuntimeError(f"load tester exited with {process.returncode}")
+        measures.append(parse_loadtest(out))
+    ok = sum(m.ok for m in measures)
+    return Measure(
+        sum(m.rps for m in measures),
+        sum(m.p50 * m.ok for m in measures) / ok if ok else float("nan"),
+        max(m.p99 for m in measures),
+        ok,
+    )
 
 
 _WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -238,8 +278,22 @@ def main() -> int:
         metavar="N",
         help=f"concurrent loops in the new-conn rows ({NEW_CONNECTION_CONNECTIONS})",
     )
+    parser.add_argument(
+        "--postgres",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add PostgreSQL rows (1 and 2 nodes) on a private cluster; default: on where"
+        " PostgreSQL's server binaries are installed",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
     args = parser.parse_args()
+    from tests.pgcluster import unavailable_reason
+
+    postgres_missing = unavailable_reason()
+    if args.postgres and postgres_missing:
+        parser.error(f"--postgres: {postgres_missing}")
+    if args.postgres is None:
+        args.postgres = postgres_missing is None
     if not 0 < args.duration <= 120:
         parser.error("--duration must be in (0, 120]")
     if not 1 <= args.repeat <= 9:
@@ -257,6 +311,8 @@ def main() -> int:
         print(f"real server flags added: {' '.join(args.server_arg)}")
     if not shutil.which("wrk"):
         print("wrk not found: only the load tester drives the load (apt-get install wrk)")
+    if not args.postgres:
+        print(f"no PostgreSQL rows: {postgres_missing or '--no-postgres'}")
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     skeleton: dict[tuple[str, int], Measure] = {}
@@ -285,19 +341,78 @@ def main() -> int:
             db, port = Path(tmp) / f"commit-{len(per_request)}.db", free_port()
             with running(real_command(port, 1, db, *args.server_arg, *extra), port):
                 per_request[label] = loadtest(port, 64, args.duration)
+    postgres = postgres_rows(args, problems) if args.postgres else []
     print_table(rows, tools)
     print_summary(rows, per_request, args)
     print_skeleton(rows, skeleton)
+    if postgres:
+        print_backends(rows, postgres, args)
     for problem in problems:
         print(f"STORED CHECK FAILED: {problem}")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": machine(), "rows": rows,
-             "commit": {k: vars(v) for k, v in per_request.items()},
+             "commit": {k: vars(v) for k, v in per_request.items()}, "postgres": postgres,
              "skeleton": [{"tool": tool, "connections": connections, **vars(measure)}
                           for (tool, connections), measure in skeleton.items()]},
             indent=1) + "\n")  # fmt: skip
     return 1 if problems else 0
+
+
+def postgres_rows(args: argparse.Namespace, problems: list[str]) -> list[dict[str, Any]]:
+    """The load tester against 1 and 2 ``serve`` nodes on one private PostgreSQL database."""
+    from tests.pgcluster import running_cluster
+
+    result = []
+    with running_cluster() as cluster:
+        for nodes in (1, 2):
+            dsn = cluster.create_database()
+            database = dsn.rsplit("/", 1)[1]
+
+            def stored(database: str = database) -> int:
+                sql = "SELECT coalesce(sum(report_count), 0) FROM reports"
+                return int(cluster.psql(sql, database))
+
+            ports = [free_port() for _ in range(nodes)]
+            with contextlib.ExitStack() as servers:
+                for port in ports:  # one after the other: the first creates the schema
+                    servers.enter_context(running(real_command(port, 1, dsn, *args.server_arg),
+                                                  port))  # fmt: skip
+                for connections in args.connections:
+                    label = f"postgres n{nodes} c{connections}"
+                    samples, total = [], 0
+                    for _ in range(args.repeat):
+                        before = stored()
+                        measure = split_loadtest(ports, connections, args.duration)
+                        time.sleep(0.2)
+                        got = stored() - before
+                        total += got
+                        samples.append(measure)
+                        if got != measure.ok:
+                            problems.append(f"{label}: stored {got}, acknowledged {measure.ok}")
+                    result.append({"nodes": nodes, "connections": connections,
+                                   "real": vars(median(samples)), "stored": total})  # fmt: skip
+    return result
+
+
+def print_backends(rows: list[dict[str, Any]], postgres: list[dict[str, Any]],
+                   args: argparse.Namespace) -> None:  # fmt: skip
+    print("\nbackends, the load tester (PostgreSQL: private cluster, fsync=off; 2 nodes = 2 serve"
+          " processes, 1 database, the load split between them):")  # fmt: skip
+    print(f"{'backend':<26}{'conns':>6}{'req/s':>10}{'p50/p99 ms':>18}{'stored vs 200s':>16}")
+    sqlite = {(r["workers"], r["connections"]): r for r in rows if r["tool"] == "loadtest"}
+    pg = {(r["nodes"], r["connections"]): r for r in postgres}
+    for connections in args.connections:
+        lines = [(f"SQLite, {w} worker{'s' * (w > 1)}", sqlite.get((w, connections)))
+                 for w in (1, 2)] + [(f"PostgreSQL, {n} node{'s' * (n > 1)}",
+                                     pg.get((n, connections))) for n in (1, 2)]  # fmt: skip
+        for name, r in lines:
+            if r is None:
+                continue
+            x = r["real"]
+            check = "yes" if r["stored"] == x["ok"] else f"NO ({r['stored']} vs {x['ok']})"
+            p = f"{x['p50']:.2f}/{x['p99']:.2f}"
+            print(f"{name:<26}{connections:>6}{x['rps']:>10,.0f}{p:>18}{check:>16}")
 
 
 def row(tool: str, workers: int, connections: int, bare: Measure, real: Measure,

@@ -2,6 +2,7 @@
 
     python bench/fleet.py --instances 100000 --days 90 --db /tmp/fleet.db
     python bench/stats.py --db /tmp/fleet.db
+    python bench/stats.py --db postgresql://user:pw@127.0.0.1/fleet
 
 Starts the real server on the database (``--admin-token``, ``--public-stats``; a fresh
 process, so its first answers are cold), asks each route once the moment it listens (cold),
@@ -10,7 +11,9 @@ maximum, in milliseconds, client side (request sent to body read, one kept-alive
 Then runs ``opa-telemetry-server stats --days 90 --json`` ``--cli-runs`` times and prints its
 wall time (a whole process: interpreter start, imports, the query), beside the time of
 ``opa-telemetry-server --version`` (interpreter start and imports alone). Every process
-started is stopped.
+started is stopped. ``--db`` may name a PostgreSQL database (``postgresql://...``): the server
+process is fresh, so its pool and caches are cold, but PostgreSQL's own buffer cache is whatever
+the database's recent use left in it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import time
 from pathlib import Path
 
 from run import HOST, free_port, real_command, running  # bench/ is on sys.path
+
+from opa_telemetry_server.storage import is_postgres_url
 
 TOKEN = "bench-token-0123456789"  # noqa: S105 - a local benchmark's token
 ROUTES = (
@@ -40,11 +45,12 @@ ROUTES = (
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--db", required=True, help="a SQLite file or a PostgreSQL URL")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--cli-runs", type=int, default=5)
     args = parser.parse_args()
-    if not args.db.exists():
+    postgres = is_postgres_url(args.db)
+    if not postgres and not Path(args.db).exists():
         parser.error(f"{args.db}: no such database (make one with bench/fleet.py)")
     if not 1 <= args.repeat <= 1000 or not 1 <= args.cli_runs <= 50:
         parser.error("--repeat must be 1..1000 and --cli-runs 1..50")
@@ -61,7 +67,9 @@ def main() -> int:
             for route, auth in ROUTES:
                 warm[route].append(timed(connection, route, auth)[0])
         connection.close()
-    print(f"{args.db} ({args.db.stat().st_size / 2**20:,.0f} MiB), {args.repeat} warm requests")
+    where = (redact(args.db) if postgres
+             else f"{args.db} ({Path(args.db).stat().st_size / 2**20:,.0f} MiB)")  # fmt: skip
+    print(f"{where}, {args.repeat} warm requests")
     print(f"{'route':<30} {'bytes':>9} {'cold ms':>8} {'warm median':>12} {'warm max':>9}")
     for route, _ in ROUTES:
         times = warm[route]
@@ -75,6 +83,13 @@ def main() -> int:
           f" min {min(runs) * 1000:.0f} ms ({args.cli_runs} runs);"
           f" --version alone: median {statistics.median(baseline) * 1000:.0f} ms")  # fmt: skip
     return 0
+
+
+def redact(dsn: str) -> str:
+    """The URL without its password, for the printed table."""
+    head, sep, tail = dsn.rpartition("@")
+    scheme, _, credentials = head.partition("://")
+    return f"{scheme}://{credentials.split(':')[0]}:***@{tail}" if sep else dsn
 
 
 def timed(connection: http.client.HTTPConnection, route: str, auth: bool) -> tuple[float, int]:
