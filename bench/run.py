@@ -23,8 +23,10 @@ starts a private PostgreSQL cluster (``tests/pgcluster.py``: ``initdb`` in a tem
 directory, on a free loopback port, as the ``postgres`` user when run as root; ``fsync=off``,
 as in the tests) and adds the load tester's rows for one node (one ``serve`` process) and two
 nodes (two ``serve`` processes on two ports, one database, each node driven by its own load
-tester with half the connections), printed beside the real server on SQLite with 1 and 2
-workers. Their stored count is read from the database. The cluster is removed at the end.
+tester with half the connections; and, to tell the second node from the second load
+generator, one node driven by two load testers), printed beside the real server on SQLite
+with 1 and 2 workers. Their stored count is read from the database. The cluster is removed
+at the end.
 Everything listens on 127.0.0.1 only, every load is bounded by ``--duration``, and every
 process started here is stopped here.
 """
@@ -144,12 +146,13 @@ def split_loadtest(ports: Sequence[int], connections: int, duration: float) -> M
     load-weighted mean of theirs and the p99 the worst of theirs."""
     share = max(1, connections // len(ports))
     commands = [loadtest_command(port, share, duration, seed=7 + i) for i, port in enumerate(ports)]
-    processes = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in commands]
+    processes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for c in commands]  # fmt: skip
     measures = []
     for process in processes:
-        out, _ = process.communicate(timeout=duration + 120)
+        out, err = process.communicate(timeout=duration + 120)
         if process.returncode != 0:
-            raise RuntimeError(f"load tester exited with {process.returncode}")
+            raise RuntimeError(f"load tester exited with {process.returncode}: {err[-500:]}")
         measures.append(parse_loadtest(out))
     ok = sum(m.ok for m in measures)
     return Measure(
@@ -365,7 +368,10 @@ def postgres_rows(args: argparse.Namespace, problems: list[str]) -> list[dict[st
 
     result = []
     with running_cluster() as cluster:
-        for nodes in (1, 2):
+        # (nodes, load testers): one node is driven by one load tester, and by two (each with
+        # half the connections) to tell apart what a second node and a second load
+        # generator process each add on this machine.
+        for nodes, loaders in ((1, 1), (1, 2), (2, 2)):
             dsn = cluster.create_database()
             database = dsn.rsplit("/", 1)[1]
 
@@ -379,40 +385,48 @@ def postgres_rows(args: argparse.Namespace, problems: list[str]) -> list[dict[st
                     servers.enter_context(running(real_command(port, 1, dsn, *args.server_arg),
                                                   port))  # fmt: skip
                 for connections in args.connections:
-                    label = f"postgres n{nodes} c{connections}"
+                    label = f"postgres n{nodes} l{loaders} c{connections}"
                     samples, total = [], 0
                     for _ in range(args.repeat):
                         before = stored()
-                        measure = split_loadtest(ports, connections, args.duration)
+                        targets = [ports[i % nodes] for i in range(loaders)]
+                        measure = split_loadtest(targets, connections, args.duration)
                         time.sleep(0.2)
                         got = stored() - before
                         total += got
                         samples.append(measure)
                         if got != measure.ok:
                             problems.append(f"{label}: stored {got}, acknowledged {measure.ok}")
-                    result.append({"nodes": nodes, "connections": connections,
+                    result.append({"nodes": nodes, "loaders": loaders, "connections": connections,
                                    "real": vars(median(samples)), "stored": total})  # fmt: skip
     return result
 
 
 def print_backends(rows: list[dict[str, Any]], postgres: list[dict[str, Any]],
                    args: argparse.Namespace) -> None:  # fmt: skip
-    print("\nbackends, the load tester (PostgreSQL: private cluster, fsync=off; 2 nodes = 2 serve"
-          " processes, 1 database, the load split between them):")  # fmt: skip
-    print(f"{'backend':<26}{'conns':>6}{'req/s':>10}{'p50/p99 ms':>18}{'stored vs 200s':>16}")
+    print(
+        "\nbackends, the load tester (PostgreSQL: private cluster, fsync=off; 2 nodes = 2 serve"
+        " processes, 1 database, the load split between them, one load tester process per"
+        " node; '2 loaders': 2 load tester processes on one node; SQLite: 1 load tester):"
+    )
+    print(f"{'backend':<34}{'conns':>6}{'req/s':>10}{'p50/p99 ms':>18}{'stored vs 200s':>16}")
     sqlite = {(r["workers"], r["connections"]): r for r in rows if r["tool"] == "loadtest"}
-    pg = {(r["nodes"], r["connections"]): r for r in postgres}
+    pg = {(r["nodes"], r["loaders"], r["connections"]): r for r in postgres}
     for connections in args.connections:
-        lines = [(f"SQLite, {w} worker{'s' * (w > 1)}", sqlite.get((w, connections)))
-                 for w in (1, 2)] + [(f"PostgreSQL, {n} node{'s' * (n > 1)}",
-                                     pg.get((n, connections))) for n in (1, 2)]  # fmt: skip
+        lines = [
+            (f"SQLite, {w} worker{'s' * (w > 1)}", sqlite.get((w, connections))) for w in (1, 2)
+        ] + [
+            (f"PostgreSQL, {n} node{'s' * (n > 1)}{', 2 loaders' * (loaders > n)}",
+             pg.get((n, loaders, connections)))
+            for n, loaders in ((1, 1), (1, 2), (2, 2))
+        ]  # fmt: skip
         for name, r in lines:
             if r is None:
                 continue
             x = r["real"]
             check = "yes" if r["stored"] == x["ok"] else f"NO ({r['stored']} vs {x['ok']})"
             p = f"{x['p50']:.2f}/{x['p99']:.2f}"
-            print(f"{name:<26}{connections:>6}{x['rps']:>10,.0f}{p:>18}{check:>16}")
+            print(f"{name:<34}{connections:>6}{x['rps']:>10,.0f}{p:>18}{check:>16}")
 
 
 def row(tool: str, workers: int, connections: int, bare: Measure, real: Measure,
