@@ -142,6 +142,31 @@ async def test_aggregates_by_version_platform_heap_and_product(backend: Any) -> 
     ]
 
 
+async def test_heap_buckets_are_exact_at_every_edge(backend: Any) -> None:
+    # Bucket b holds [2^(b/8), 2^((b+1)/8)) bytes, i.e. 2^b <= heap^8 < 2^(b+1): exact in
+    # integers. Heaps on and beside every power of two and every bucket edge up to 2^40 land
+    # where that says (PostgreSQL computes the bucket in float8 and falls back to numeric
+    # only on an edge; a float rounding either way would move a heap by one bucket).
+    heaps = {0, 1}
+    for k in range(1, 41):
+        heaps |= {2**k - 1, 2**k, 2**k + 1}
+    for b in range(321):
+        near = round(2 ** (b / 8))  # the integers around the edge 2^(b/8)
+        heaps |= {n for n in range(near - 1, near + 3) if n >= 1}
+    heaps_sorted = sorted(heaps)
+    expected: dict[int, int] = {}
+    for heap in heaps_sorted:
+        bucket = (max(heap, 1) ** 8).bit_length() - 1
+        expected[bucket] = expected.get(bucket, 0) + 1
+    reports = [
+        report(f"00000000-0000-4000-8000-{n:012d}", "1.0.0", heap=heap)
+        for n, heap in enumerate(heaps_sorted)
+    ]
+    await backend.write_batch(reports, [], at("2026-11-30"))
+    window = await aggregated(backend, "opa", "2026-11-30", "2026-11-30")
+    assert sorted((bucket, n) for _, bucket, n in window.heaps) == sorted(expected.items())
+
+
 async def test_aggregation_rereads_only_days_seen_since_its_watermark(backend: Any) -> None:
     await backend.write_batch([report(IDS[0])], [], at("2026-11-29"))
     first = await backend.aggregate(now=at("2026-11-30", 12), lag=60)
