@@ -173,6 +173,7 @@ async def get_metrics(request: web.Request) -> web.Response:
         retention_run_at=await reader.meta(RETENTION_RUN_KEY),
         aggregated_at=await reader.meta(AGGREGATED_AT_KEY),
         min_group_size=settings.min_group_size if view is View.PUBLIC else 0,
+        syncs=await reader.sync_states(),
     )
     body = insights.metrics.render(fleet)
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})

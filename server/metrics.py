@@ -26,6 +26,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .ingest import Ingest
+from .storage import SyncState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FLUSH_INTERVAL = 1.0  # seconds between copies of the hot path's tallies into the metrics
@@ -121,6 +122,7 @@ class FleetState:
     retention_run_at: int | None
     aggregated_at: int | None
     min_group_size: int = 0  # public metrics: versions with fewer instances show as other
+    syncs: Sequence[SyncState] = ()  # the last GitHub sync of each product, if any
 
 
 def top_versions(
@@ -182,3 +184,14 @@ class _FleetCollector(Collector):
             else:
                 value = float(at or 0)
             yield GaugeMetricFamily(name, text, value=value)
+        for name, text, field in (
+            ("opa_telemetry_sync_last_success_timestamp_seconds",
+             "Unix time of the product's last successful release sync (0: never)",
+             "last_success_at"),
+            ("opa_telemetry_sync_last_error_timestamp_seconds",
+             "Unix time of the product's last failed release sync (0: never)", "last_error_at"),
+        ):  # fmt: skip
+            family = GaugeMetricFamily(name, text, labels=["product"])
+            for state in fleet.syncs:
+                family.add_metric([state.product], float(getattr(state, field) or 0))
+            yield family

@@ -33,7 +33,7 @@ from opa_telemetry_server.insights import (
 )
 from opa_telemetry_server.metrics import top_versions
 from opa_telemetry_server.releases import release_from_mapping
-from opa_telemetry_server.storage import RETENTION_RUN_KEY, Window
+from opa_telemetry_server.storage import RETENTION_RUN_KEY, SyncState, Window
 from opa_telemetry_server.storage.sqlite import SqliteStorage, shard_path
 
 from .conftest import AiohttpClient, make_settings, serve_argv, serving
@@ -427,9 +427,22 @@ async def test_metrics_count_requests_reports_batches_and_the_fleet(
     assert metric(text, "opa_telemetry_catalog_releases", product="opa") > 100
     assert metric(text, "opa_telemetry_stats_aggregated_timestamp_seconds") > 1.7e9
     assert metric(text, "opa_telemetry_retention_last_run_timestamp_seconds") >= 0
+    assert "opa_telemetry_sync_last_success_timestamp_seconds{" not in text  # never synced
+    reader = client.app[INSIGHTS].reader
+    await reader.save_sync_state(
+        SyncState("opa", "https://api.github.com", last_success_at=1_700_000_000,
+                  last_error_at=1_700_000_100, last_error="HTTP 500")
+    )  # fmt: skip
+    text = await (await client.get("/metrics", headers=AUTH)).text()
+    assert metric(text, "opa_telemetry_sync_last_success_timestamp_seconds", product="opa") == (
+        1_700_000_000
+    )
+    assert metric(text, "opa_telemetry_sync_last_error_timestamp_seconds", product="opa") == (
+        1_700_000_100
+    )
     again = await (await client.get("/metrics", headers=AUTH)).text()
-    # The scrape itself was counted, and counters never go back.
-    assert metric(again, "opa_telemetry_requests_total", route="/metrics", status="200") == 1
+    # The scrapes themselves were counted, and counters never go back.
+    assert metric(again, "opa_telemetry_requests_total", route="/metrics", status="200") == 2
     assert metric(again, "opa_telemetry_reports_accepted_total") == 11
 
 
