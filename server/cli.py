@@ -774,7 +774,7 @@ def _run_purge(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    from .app import purge_expired
+    from .retention import purge_expired
 
     result = asyncio.run(purge_expired(settings, announce=announce, dry_run=args.dry_run))
     if result.days:
@@ -819,7 +819,7 @@ def _run_stats(args: argparse.Namespace) -> int:
         raise UsageError("; ".join(f"--{detail}" for detail in exc.details)) from None
     settings = settings_from_args(args)
     if args.refresh:
-        from .app import aggregate_now
+        from .retention import aggregate_now
 
         asyncio.run(aggregate_now(settings, migrate=False))
 

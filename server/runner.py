@@ -54,7 +54,8 @@ def _supervise(settings: Settings) -> int:
     every worker exited cleanly after SIGINT/SIGTERM, 1 if one died on its own (the others are
     then stopped too, so a process manager can restart the whole server).
     """
-    from .app import aggregate_now, prepare_database
+    from .app import prepare_database
+    from .retention import aggregate_now
 
     server_tls_context(settings)  # each worker loads its own; a bad file stops us here, once
     asyncio.run(prepare_database(settings))
