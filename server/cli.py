@@ -43,7 +43,7 @@ from .insights import (
 )
 from .protocol import DEFAULT_PRODUCT, product_slug
 from .releases import check_url, release_from_mapping, releases_from_json
-from .settings import Settings, env_name
+from .settings import Settings, env_name, is_loopback_url
 from .storage import ProductCounts, PurgeResult, Storage, open_storage
 
 if TYPE_CHECKING:
@@ -316,6 +316,7 @@ SYNC_ALIASES = {
     "--prune": "sync_prune",
 }
 GITHUB_TOKEN_ENV = "GITHUB_TOKEN"  # noqa: S105 - the variable's name, not a token
+GITHUB_API = "https://api.github.com"
 
 
 def product_name(text: str) -> str:
@@ -579,8 +580,14 @@ def _run_releases_remove(args: argparse.Namespace) -> int:
 
 
 def with_github_token(settings: Settings, environ: Mapping[str, str]) -> Settings:
-    """``settings`` with the sync token from ``$GITHUB_TOKEN`` when the setting has none."""
+    """``settings`` with the sync token from ``$GITHUB_TOKEN`` when the setting has none and
+    the sync reads GitHub itself: a token meant for GitHub never goes to another server (a
+    chain's outer server, say; a stand-in on this host is fine). For any other API, name the
+    token with ``--sync-token``."""
     if settings.sync_token or not environ.get(GITHUB_TOKEN_ENV):
+        return settings
+    url = settings.sync_api_url.rstrip("/")
+    if url != GITHUB_API and not (url.startswith("http://") and is_loopback_url(url)):
         return settings
     return replace(settings, sync_token=environ[GITHUB_TOKEN_ENV])
 

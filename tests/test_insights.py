@@ -11,6 +11,7 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+import uuid
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,34 @@ async def test_public_stats_fold_small_groups_into_other(
     assert (await client.get("/metrics", headers={"Authorization": "Bearer nope"})).status == 403
 
 
+async def test_public_statistics_do_not_reveal_a_small_product(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    # Any client names a product by its User-Agent: one deployment of an internal app must
+    # not show up, by name or by count, to an anonymous caller.
+    client = await serve(aiohttp_client, tmp_path, public_stats=True, min_group_size=5)
+    await fleet(client)
+    small = {"User-Agent": "AcmeInternalBilling/1.0.0 (linux, amd64)"}
+    body = {"id": str(uuid.UUID(int=99)), "version": "1.0.0"}
+    assert (await client.post("/v1/version", json=body, headers=small)).status == 200
+    await aggregate(client)
+    public = await (await client.get("/v1/products")).json()
+    assert [p["product"] for p in public["products"]] == ["opa"]
+    refused = await client.get("/v1/stats", params={"product": "acmeinternalbilling"})
+    assert refused.status == 404
+    full = await (await client.get("/v1/products", headers=AUTH)).json()
+    assert "acmeinternalbilling" in [p["product"] for p in full["products"]]
+    text = await (await client.get("/metrics")).text()
+    assert "acmeinternalbilling" not in text
+    assert metric(text, "opa_telemetry_fleet_instances", product="other", version="other") == 1
+
+
+def test_fleet_gauge_names_at_most_twenty_products() -> None:
+    counts = [(f"app{n:03d}", "1.0.0", 1000 - n) for n in range(1000)]
+    top = top_versions(counts)
+    assert len(top) == 21 and top[-1] == ("other", "other", sum(1000 - n for n in range(20, 1000)))
+
+
 async def test_products_list_release_and_report_counts(
     aiohttp_client: AiohttpClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -456,7 +485,9 @@ def test_fleet_gauge_keeps_the_top_twenty_versions_and_folds_the_rest() -> None:
     assert opa[20] == ("other", sum(range(1, 11)))
     assert ("myapp", "2.0.0", 3) in top
     public = top_versions(counts, min_group_size=5)
-    assert [v for p, v, _ in public if p == "myapp"] == ["other"]
+    # A product with fewer instances than the group size is not named at all.
+    assert [v for p, v, _ in public if p == "myapp"] == []
+    assert ("other", "other", 3) in public
     assert ("opa", "other", sum(range(1, 11))) in public
 
 
