@@ -43,8 +43,8 @@ _contexts: dict[tuple[str, str], ssl.SSLContext] = {}
 
 
 def run_off_loop(function: Callable[[], T]) -> asyncio.Future[T]:
-    """Call ``function`` in a new daemon thread at a lower priority; the future gets its
-    result or exception. Never blocks the caller. If the future is cancelled or the loop
+    """Call ``function`` in a new thread (a raw ``_thread``, at the host's priority); the future
+    gets its result or exception. Never blocks the caller. If the future is cancelled or the loop
     closed before the thread ends, the outcome is dropped."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()

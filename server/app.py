@@ -6,8 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, date, datetime, timedelta
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
@@ -24,9 +23,10 @@ from .metrics import FLUSH_INTERVAL, ProcessMetrics, RequestTally
 from .protocol import DEFAULT_PRODUCT
 from .ratelimit import RateLimiter
 from .releases import bundled_releases
+from .retention import run_retention
 from .routes import setup_routes
 from .settings import Settings
-from .storage import RETENTION_RUN_KEY, PurgeResult, open_storage
+from .storage import open_storage
 from .sync import run_sync, sync_target
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ async def _databases(
             )  # fmt: skip
             stack.push_async_callback(_cancel, syncing)
         if worker == 0 and settings.retention_days:
-            retention = asyncio.create_task(_retention(settings), name="opa-telemetry-retention")
+            retention = asyncio.create_task(run_retention(settings), name="opa-telemetry-retention")
             stack.push_async_callback(_cancel, retention)
         if aggregator is not None:
             # On the way out, after the drain: the aggregates include every committed report.
@@ -166,56 +166,6 @@ async def _databases(
             stack.push_async_callback(_cancel, aggregation)
         stack.push_async_callback(_drain, ingest, writer, settings.shutdown_timeout)
         yield
-
-
-def retention_cutoff(settings: Settings, today: date | None = None) -> str | None:
-    """The oldest UTC day whose raw rows retention keeps, or ``None`` when
-    ``retention_days`` is 0 (keep forever: nothing is ever purged)."""
-    if settings.retention_days == 0:
-        return None
-    day = today or datetime.now(UTC).date()
-    return (day - timedelta(days=settings.retention_days)).isoformat()
-
-
-async def purge_expired(
-    settings: Settings,
-    today: date | None = None,
-    *,
-    announce: Callable[[PurgeResult, str], None] | None = None,
-    dry_run: bool = False,
-) -> PurgeResult:
-    """Roll up and delete raw rows older than ``settings.retention_days`` (every shard too),
-    on a connection of its own; nothing at all when retention is 0 (keep forever).
-
-    ``announce`` is told what is about to go (days and raw rows, and the cutoff day) before
-    anything is deleted; with ``dry_run`` that is all that happens.
-    """
-    before = retention_cutoff(settings, today)
-    if before is None:
-        return PurgeResult()
-    storage = await open_storage(settings, migrate=False)
-    try:
-        if announce is not None or dry_run:
-            expired = await storage.count_expired(before)
-            if announce is not None:
-                announce(expired, before)
-            if dry_run or not expired.days:
-                return PurgeResult()
-        result = await storage.roll_up_and_purge(before)
-        await storage.set_meta(RETENTION_RUN_KEY, int(datetime.now(UTC).timestamp()))
-        return result
-    finally:
-        await storage.close()
-
-
-async def aggregate_now(settings: Settings, *, migrate: bool = True) -> None:
-    """Bring the statistics aggregates up to date (main database and shards), on a
-    connection of its own."""
-    storage = await open_storage(settings, migrate=migrate)
-    try:
-        await storage.aggregate()
-    finally:
-        await storage.close()
 
 
 async def _final_aggregation(aggregator: Aggregator) -> None:
@@ -233,19 +183,6 @@ async def _flush_metrics(metrics: ProcessMetrics, requests: RequestTally, ingest
             metrics.flush(requests, ingest)
         except Exception:
             logger.warning("metrics flush failed", exc_info=True)
-
-
-async def _retention(settings: Settings) -> None:
-    """Apply retention now and then every ``purge_interval``; a failed run is retried."""
-    while True:
-        try:
-            result = await purge_expired(settings)
-            if result.days:
-                logger.info("retention: %d days rolled up, %d raw rows deleted",
-                            result.days, result.rows_deleted)  # fmt: skip
-        except Exception:
-            logger.warning("retention run failed; will retry", exc_info=True)
-        await asyncio.sleep(settings.purge_interval)
 
 
 async def _drain(ingest: Ingest, writer: asyncio.Task[None], timeout: float) -> None:

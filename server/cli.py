@@ -13,25 +13,26 @@ import asyncio
 import contextlib
 import json
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
-import signal
-import socket
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import fields, replace
 from datetime import UTC, date, datetime
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import __version__
 from .advisories import advisories_from_json
 from .catalog import Catalog, load_catalog
-from .errors import CatalogError, QueryError, SyncError, TelemetryError, UsageError
+from .errors import (
+    CatalogError,
+    QueryError,
+    SyncError,
+    TelemetryError,
+    UsageError,
+    describe,
+)
 from .insights import (
     DEFAULT_DAYS,
     MAX_DAYS,
@@ -42,9 +43,8 @@ from .insights import (
 )
 from .protocol import DEFAULT_PRODUCT, product_slug
 from .releases import check_url, release_from_mapping, releases_from_json
-from .settings import Settings, env_name
+from .settings import Settings, env_name, is_loopback_url
 from .storage import ProductCounts, PurgeResult, Storage, open_storage
-from .tls import server_tls_context
 
 if TYPE_CHECKING:
     from .sync import SyncResult
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (TelemetryError, OSError) as exc:
-        return _fail(args, _describe(exc), 1)
+        return _fail(args, describe(exc), 1)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback on --debug
@@ -87,14 +87,6 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
         traceback.print_exc()
     print(f"error: {message}", file=sys.stderr)
     return code
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for an error: an OSError names its file and says what went wrong in words."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f"{exc.filename}: " if exc.filename else ""
-        return f"{where}{exc.strerror.lower()}"
-    return str(exc)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -306,9 +298,6 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
-# prometheus-client's switch to multiprocess mode: the directory the workers share.
-MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
 # The settings every command that opens the database reads.
 STORAGE_SETTINGS = ("db", "busy_timeout", "synchronous")
 SYNC_SETTINGS = (
@@ -327,6 +316,7 @@ SYNC_ALIASES = {
     "--prune": "sync_prune",
 }
 GITHUB_TOKEN_ENV = "GITHUB_TOKEN"  # noqa: S105 - the variable's name, not a token
+GITHUB_API = "https://api.github.com"
 
 
 def product_name(text: str) -> str:
@@ -464,213 +454,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    settings = with_github_token(settings_from_args(args), os.environ)
-    _configure_logging(settings)
-    if settings.workers > 1:
-        return _supervise(settings)
-    with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
-        runner.run(serve(settings))
-    return 0
+    from .runner import run_server
 
-
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
-
-
-def _supervise(settings: Settings) -> int:
-    """Run ``settings.workers`` server processes on one port and stop them together.
-
-    The database is migrated and seeded here, once, before any worker starts. Returns 0 when
-    every worker exited cleanly after SIGINT/SIGTERM, 1 if one died on its own (the others are
-    then stopped too, so a process manager can restart the whole server).
-    """
-    from .app import aggregate_now, prepare_database
-
-    server_tls_context(settings)  # each worker loads its own; a bad file stops us here, once
-    asyncio.run(prepare_database(settings))
-    reserved = None
-    if settings.port == 0:  # pick the port here so that every worker binds the same one
-        reserved = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
-        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reserved.bind((settings.host, 0))
-        settings = replace(settings, port=reserved.getsockname()[1])
-    # One private directory where every worker's metrics live, so that a scrape of any worker
-    # adds up all of them (prometheus-client's multiprocess mode reads it from the environment
-    # the spawned workers inherit, before their first import of it).
-    metrics_dir = tempfile.TemporaryDirectory(prefix="opa-telemetry-metrics-")
-    previous_env = os.environ.get(MULTIPROCESS_ENV)
-    os.environ[MULTIPROCESS_ENV] = metrics_dir.name
-    context = multiprocessing.get_context("spawn")
-    # One pipe per worker for its "listening" (or why it could not start): no lock shared
-    # between processes, so a worker stopped at any moment cannot block another's message.
-    pipes = [context.Pipe(duplex=False) for _ in range(settings.workers)]
-    workers = [
-        context.Process(target=_worker, args=(settings, index, pipes[index][1], metrics_dir.name),
-                        name=f"worker{index}", daemon=True)
-        for index in range(settings.workers)
-    ]  # fmt: skip
-    stopping = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    started = 0
-    try:
-        for worker in workers:
-            worker.start()
-        for _, sender in pipes:
-            sender.close()  # the worker holds its end; ours would hide its exit from recv()
-        waiting = {receiver: index for index, (receiver, _) in enumerate(pipes)}
-        started = 0
-        while waiting and not stopping:
-            readable = multiprocessing.connection.wait(list(waiting), timeout=0.2)
-            for receiver in [r for r in waiting if r in readable]:
-                index = waiting.pop(receiver)
-                try:
-                    news = receiver.recv()
-                except EOFError:
-                    news = f"worker {index} exited while starting"
-                if isinstance(news, str):  # a worker could not start, and says why
-                    _stop_workers(workers, settings, code=1)
-                    raise TelemetryError(news)
-                started += 1
-        if started == len(workers):
-            _print_ready(f"{_scheme(settings)}://{settings.host}:{settings.port}{settings.prefix}")
-        while not stopping:
-            multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.5)
-            if not stopping and any(not w.is_alive() for w in workers):
-                logger.error("a worker exited unexpectedly; stopping the others")
-                return _stop_workers(workers, settings, code=1)
-        return _stop_workers(workers, settings, code=0)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if reserved is not None:
-            reserved.close()
-        if previous_env is None:
-            os.environ.pop(MULTIPROCESS_ENV, None)
-        else:
-            os.environ[MULTIPROCESS_ENV] = previous_env
-        metrics_dir.cleanup()
-        if started == len(workers):
-            # Every worker has drained: the aggregates now include each acknowledged report.
-            try:
-                asyncio.run(aggregate_now(settings, migrate=False))
-            except Exception as exc:  # noqa: BLE001 - the server has stopped; say so and go
-                logger.warning("statistics aggregation after the workers stopped: %s", exc)
-
-
-def _stop_workers(workers: Sequence[BaseProcess], settings: Settings, code: int) -> int:
-    for worker in workers:
-        if worker.is_alive() and worker.pid is not None:
-            os.kill(worker.pid, signal.SIGTERM)
-    for worker in workers:
-        worker.join(settings.shutdown_timeout + 5)
-        if worker.is_alive():
-            logger.error("%s did not stop in time; killing it", worker.name)
-            worker.kill()
-            worker.join()
-            code = 1
-        elif worker.exitcode not in (0, -signal.SIGTERM):
-            code = 1
-    return code
-
-
-def _worker(
-    settings: Settings,
-    index: int,
-    ready: multiprocessing.connection.Connection,
-    metrics_dir: str,
-) -> None:
-    """One worker process: serve on the shared port until SIGTERM (or SIGINT). It sends its
-    index once it listens, or the one-line reason it could not start."""
-    _configure_logging(settings)
-    try:
-        with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
-            runner.run(
-                serve(settings, lambda _: ready.send(index), worker=index, reuse_port=True,
-                      metrics_dir=metrics_dir)
-            )  # fmt: skip
-    except (TelemetryError, OSError) as exc:
-        ready.send(f"worker {index}: {_describe(exc)}")
-        sys.exit(1)
-    finally:
-        ready.close()
-
-
-def _loop_factory(fast: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    if fast and sys.platform != "win32":
-        try:
-            import uvloop
-        except ImportError:
-            return None
-        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-        return factory
-    return None
-
-
-async def serve(
-    settings: Settings,
-    ready: Callable[[str], None] | None = None,
-    *,
-    worker: int = 0,
-    reuse_port: bool = False,
-    metrics_dir: str | None = None,
-) -> None:
-    """Serve until SIGINT or SIGTERM, then stop accepting, drain the queue and return.
-
-    ``ready`` receives the base URL once the socket listens (default: print it): ``https://``
-    when ``settings`` name a TLS certificate (raises :class:`TlsError` if it cannot be used).
-    """
-    from aiohttp import web
-
-    from .app import create_app, runner_options
-
-    tls = server_tls_context(settings)  # before anything else: a bad file is a one-line error
-    # Handlers first: a SIGTERM that arrives while we start (or right after "listening") must
-    # still mean "drain and exit 0", never the default of dying on the spot.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        app = create_app(settings, worker=worker, metrics_dir=metrics_dir)
-        runner = web.AppRunner(
-            app,
-            handle_signals=False,
-            shutdown_timeout=settings.shutdown_timeout,
-            **runner_options(settings),
-        )
-        await runner.setup()
-        try:
-            site = web.TCPSite(
-                runner, settings.host, settings.port, ssl_context=tls,
-                reuse_port=reuse_port or None,
-            )  # fmt: skip
-            await site.start()
-            host, port = runner.addresses[0][:2]
-            (ready or _print_ready)(f"{_scheme(settings)}://{host}:{port}{settings.prefix}")
-            await stop.wait()
-            logger.info("shutting down: finishing in-flight requests")
-        finally:
-            await runner.cleanup()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-    logger.info("stopped")
-
-
-def _scheme(settings: Settings) -> str:
-    return "https" if settings.tls_cert else "http"
-
-
-def _print_ready(url: str) -> None:
-    print(f"opa-telemetry-server {__version__} listening on {url}", flush=True)
+    return run_server(with_github_token(settings_from_args(args), os.environ))
 
 
 # -- releases and stats -------------------------------------------------------------------------
@@ -794,8 +580,14 @@ def _run_releases_remove(args: argparse.Namespace) -> int:
 
 
 def with_github_token(settings: Settings, environ: Mapping[str, str]) -> Settings:
-    """``settings`` with the sync token from ``$GITHUB_TOKEN`` when the setting has none."""
+    """``settings`` with the sync token from ``$GITHUB_TOKEN`` when the setting has none and
+    the sync reads GitHub itself: a token meant for GitHub never goes to another server (a
+    chain's outer server, say; a stand-in on this host is fine). For any other API, name the
+    token with ``--sync-token``."""
     if settings.sync_token or not environ.get(GITHUB_TOKEN_ENV):
+        return settings
+    url = settings.sync_api_url.rstrip("/")
+    if url != GITHUB_API and not (url.startswith("http://") and is_loopback_url(url)):
         return settings
     return replace(settings, sync_token=environ[GITHUB_TOKEN_ENV])
 
@@ -989,7 +781,7 @@ def _run_purge(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    from .app import purge_expired
+    from .retention import purge_expired
 
     result = asyncio.run(purge_expired(settings, announce=announce, dry_run=args.dry_run))
     if result.days:
@@ -1034,7 +826,7 @@ def _run_stats(args: argparse.Namespace) -> int:
         raise UsageError("; ".join(f"--{detail}" for detail in exc.details)) from None
     settings = settings_from_args(args)
     if args.refresh:
-        from .app import aggregate_now
+        from .retention import aggregate_now
 
         asyncio.run(aggregate_now(settings, migrate=False))
 

@@ -133,3 +133,11 @@ class TlsError(TelemetryError):
 
 class UsageError(TelemetryError):
     """A flag, env var or setting has a value the command cannot use."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an error: an OSError names its file and says what went wrong in words."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror.lower()}"
+    return str(exc)

@@ -15,13 +15,19 @@ from .appkeys import CODEC, INSIGHTS, INTAKE, REPOS, REQUESTS, SETTINGS, STORAGE
 from .errors import (
     BodyTooLargeError,
     NotFoundError,
+    QueryError,
     RateLimitedError,
-    ReportError,
     SlowRequestError,
     UnsupportedMediaTypeError,
 )
 from .http_errors import error_answer
-from .insights import parse_stats_query, products_document, stats_document, utc_today
+from .insights import (
+    parse_stats_query,
+    products_document,
+    publicly_listed,
+    stats_document,
+    utc_today,
+)
 from .metrics import CONTENT_TYPE, FleetState
 from .openapi import openapi_json
 from .protocol import parse_report, parse_user_agent, product_slug
@@ -110,13 +116,16 @@ def _query_int(request: web.Request, name: str, default: int, most: int) -> int:
     text = request.query.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not 1 <= int(text) <= most:
-        raise ReportError(f"{name} must be a whole number from 1 to {most}")
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= most:
+        raise QueryError(
+            "Bad Request", [f"{name}: expected a whole number from 1 to {most}, not {text!r}"]
+        )
     return int(text)
 
 
 async def get_release_assets(request: web.Request) -> web.Response:
     """``GET /repos/{owner}/{repo}/releases/{id}/assets``: the ``assets_url`` of a release."""
+    _check_rate(request, request.app[INTAKE])
     product = _repo_product(request)
     release_id = int(request.match_info["release_id"])
     for release in request.app[INTAKE].catalog.catalog.releases(product):
@@ -142,6 +151,12 @@ async def get_stats(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     view = authorize(request.headers, settings)
     query = parse_stats_query(request.query)
+    if view is View.PUBLIC:
+        products = await request.app[INSIGHTS].reader.products(utc_today().isoformat())
+        if not publicly_listed(products, query.product, settings.min_group_size):
+            raise NotFoundError(
+                "Not Found", [f"no public statistics for product {query.product!r}"]
+            )
     document = await stats_document(
         request.app[INSIGHTS].reader,
         request.app[INTAKE].catalog.catalog,
@@ -153,9 +168,11 @@ async def get_stats(request: web.Request) -> web.Response:
 
 async def get_products(request: web.Request) -> web.Response:
     """``GET /v1/products``: every product with its release and report counts."""
-    authorize(request.headers, request.app[SETTINGS])
+    settings = request.app[SETTINGS]
+    view = authorize(request.headers, settings)
     products = await request.app[INSIGHTS].reader.products(utc_today().isoformat())
-    return _json(request, products_document(products))
+    group = settings.min_group_size if view is View.PUBLIC else 0
+    return _json(request, products_document(products, min_group_size=group))
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -173,6 +190,7 @@ async def get_metrics(request: web.Request) -> web.Response:
         retention_run_at=await reader.meta(RETENTION_RUN_KEY),
         aggregated_at=await reader.meta(AGGREGATED_AT_KEY),
         min_group_size=settings.min_group_size if view is View.PUBLIC else 0,
+        syncs=await reader.sync_states(),
     )
     body = insights.metrics.render(fleet)
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})

@@ -240,18 +240,35 @@ def _advisories(
     return result
 
 
-def products_document(products: Iterable[ProductCounts]) -> dict[str, Any]:
-    return {
-        "products": [
+def products_document(
+    products: Iterable[ProductCounts], *, min_group_size: int = 0
+) -> dict[str, Any]:
+    """The product list. ``min_group_size`` > 0 (public statistics): a product is listed only
+    if the catalog has releases of it or it has at least that many instances today, and its
+    counts only in the second case, so that no caller learns of one small deployment (any
+    client names a product by its User-Agent)."""
+    listed = []
+    for p in products:
+        big = p.instances_today >= min_group_size
+        if not (big or p.releases):
+            continue
+        listed.append(
             {
                 "product": p.product,
                 "releases": p.releases,
-                "reports": p.reports,
-                "instances_today": p.instances_today,
+                "reports": p.reports if big else None,
+                "instances_today": p.instances_today if big else None,
             }
-            for p in products
-        ]
-    }
+        )
+    return {"products": listed}
+
+
+def publicly_listed(products: Iterable[ProductCounts], product: str, min_group_size: int) -> bool:
+    """Whether public statistics may show ``product`` (see :func:`products_document`)."""
+    return any(
+        p.product == product and (p.releases or p.instances_today >= min_group_size)
+        for p in products
+    )
 
 
 def heap_bucket_value(bucket: int) -> int:

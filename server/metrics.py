@@ -26,10 +26,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .ingest import Ingest
+from .storage import SyncState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FLUSH_INTERVAL = 1.0  # seconds between copies of the hot path's tallies into the metrics
 TOP_VERSIONS = 20  # fleet gauge: versions per product shown by name; the rest is "other"
+TOP_PRODUCTS = 20  # and products shown by name; the rest is product "other"
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -121,6 +123,7 @@ class FleetState:
     retention_run_at: int | None
     aggregated_at: int | None
     min_group_size: int = 0  # public metrics: versions with fewer instances show as other
+    syncs: Sequence[SyncState] = ()  # the last GitHub sync of each product, if any
 
 
 def top_versions(
@@ -132,14 +135,22 @@ def top_versions(
     by_product: dict[str, list[tuple[str, int]]] = {}
     for product, version, instances in counts:
         by_product.setdefault(product, []).append((version, instances))
+    # Products too: any client names one by its User-Agent. The busiest TOP_PRODUCTS (with at
+    # least min_group_size instances) keep their name; the rest add up under "other".
+    totals = {product: sum(n for _, n in pairs) for product, pairs in by_product.items()}
+    ranked_products = sorted(totals, key=lambda product: (-totals[product], product))
+    named = {p for p in ranked_products[:TOP_PRODUCTS] if totals[p] >= max(min_group_size, 1)}
+    folded = sum(totals[p] for p in totals if p not in named)
     result = []
-    for product in sorted(by_product):
+    for product in sorted(named):
         ranked = sorted(by_product[product], key=lambda pair: (-pair[1], pair[0]))
         shown = [pair for pair in ranked[:limit] if pair[1] >= min_group_size]
         result += [(product, version, n) for version, n in shown]
         if len(shown) < len(ranked):
             rest = sum(n for _, n in ranked) - sum(n for _, n in shown)
             result.append((product, "other", rest))
+    if folded:
+        result.append(("other", "other", folded))
     return result
 
 
@@ -182,3 +193,14 @@ class _FleetCollector(Collector):
             else:
                 value = float(at or 0)
             yield GaugeMetricFamily(name, text, value=value)
+        for name, text, field in (
+            ("opa_telemetry_sync_last_success_timestamp_seconds",
+             "Unix time of the product's last successful release sync (0: never)",
+             "last_success_at"),
+            ("opa_telemetry_sync_last_error_timestamp_seconds",
+             "Unix time of the product's last failed release sync (0: never)", "last_error_at"),
+        ):  # fmt: skip
+            family = GaugeMetricFamily(name, text, labels=["product"])
+            for state in fleet.syncs:
+                family.add_metric([state.product], float(getattr(state, field) or 0))
+            yield family

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .releases import Release
-from .versions import Version
+from .versions import Version, VersionError, parse_version
 
 BUCKETS = 100
 
@@ -70,8 +70,13 @@ def offer(releases: Sequence[Release], policy: Policy) -> Offer:
     """
     cap = None
     if policy.pinned is not None:
-        pinned = next((r for r in releases if r.tag == policy.pinned), None)
-        cap = pinned.version.precedence if pinned is not None else None
+        # The pinned tag's own version bounds the offer, even once that release is removed
+        # from the catalog (by hand or a pruning sync): a pin never lets newer releases out.
+        try:
+            cap = parse_version(policy.pinned).precedence
+        except VersionError:
+            pinned = next((r for r in releases if r.tag == policy.pinned), None)
+            cap = pinned.version.precedence if pinned is not None else None
     candidates = [
         r for r in releases
         if not r.prerelease and r.tag not in policy.yanked

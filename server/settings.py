@@ -7,8 +7,10 @@ drift apart. Nothing here reads the environment: only ``cli`` does.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from .protocol import product_slug
 
@@ -32,6 +34,7 @@ class Settings:
         DEFAULT_DB,
         "SQLite database file (created if missing), or a PostgreSQL URL"
         " postgresql://user:password@host:5432/dbname",
+        secret=True,  # a PostgreSQL URL may carry its password
     )
     db_connect_wait: float = _knob(
         60.0,
@@ -165,6 +168,11 @@ class Settings:
             problems.append("sync_repo must be owner/repo")
         if not self.sync_api_url.startswith(("http://", "https://")):
             problems.append("sync_api_url must be an http(s) URL")
+        elif self.sync_token and not _token_safe(self.sync_api_url):
+            problems.append(
+                "sync_token is never sent in clear: give an https:// sync_api_url"
+                " (plain http:// only to this host)"
+            )
         if not product_slug(self.sync_product):
             problems.append("sync_product must name a product")
         try:
@@ -196,3 +204,19 @@ def env_name(name: str) -> str:
 def knobs() -> list[tuple[str, Any, str]]:
     """(field name, default, help) for every setting, in declaration order."""
     return [(f.name, f.default, f.metadata["help"]) for f in fields(Settings)]
+
+
+def _token_safe(url: str) -> bool:
+    """Whether a token may travel to ``url``: over TLS, or over plain HTTP to this host."""
+    return urlsplit(url).scheme == "https" or is_loopback_url(url)
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names this host (``localhost`` or a loopback address)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

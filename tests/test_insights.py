@@ -11,6 +11,7 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+import uuid
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from aiohttp.test_utils import TestClient
 
 from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
 from opa_telemetry_server.advisories import advisory_from_osv
-from opa_telemetry_server.app import create_app, prepare_database, purge_expired
+from opa_telemetry_server.app import create_app, prepare_database
 from opa_telemetry_server.appkeys import INSIGHTS
 from opa_telemetry_server.catalog import Catalog
 from opa_telemetry_server.cli import main
@@ -33,7 +34,8 @@ from opa_telemetry_server.insights import (
 )
 from opa_telemetry_server.metrics import top_versions
 from opa_telemetry_server.releases import release_from_mapping
-from opa_telemetry_server.storage import RETENTION_RUN_KEY, Window
+from opa_telemetry_server.retention import purge_expired
+from opa_telemetry_server.storage import RETENTION_RUN_KEY, SyncState, Window
 from opa_telemetry_server.storage.sqlite import SqliteStorage, shard_path
 
 from .conftest import AiohttpClient, make_settings, serve_argv, serving
@@ -258,6 +260,34 @@ async def test_public_stats_fold_small_groups_into_other(
     assert (await client.get("/metrics", headers={"Authorization": "Bearer nope"})).status == 403
 
 
+async def test_public_statistics_do_not_reveal_a_small_product(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    # Any client names a product by its User-Agent: one deployment of an internal app must
+    # not show up, by name or by count, to an anonymous caller.
+    client = await serve(aiohttp_client, tmp_path, public_stats=True, min_group_size=5)
+    await fleet(client)
+    small = {"User-Agent": "AcmeInternalBilling/1.0.0 (linux, amd64)"}
+    body = {"id": str(uuid.UUID(int=99)), "version": "1.0.0"}
+    assert (await client.post("/v1/version", json=body, headers=small)).status == 200
+    await aggregate(client)
+    public = await (await client.get("/v1/products")).json()
+    assert [p["product"] for p in public["products"]] == ["opa"]
+    refused = await client.get("/v1/stats", params={"product": "acmeinternalbilling"})
+    assert refused.status == 404
+    full = await (await client.get("/v1/products", headers=AUTH)).json()
+    assert "acmeinternalbilling" in [p["product"] for p in full["products"]]
+    text = await (await client.get("/metrics")).text()
+    assert "acmeinternalbilling" not in text
+    assert metric(text, "opa_telemetry_fleet_instances", product="other", version="other") == 1
+
+
+def test_fleet_gauge_names_at_most_twenty_products() -> None:
+    counts = [(f"app{n:03d}", "1.0.0", 1000 - n) for n in range(1000)]
+    top = top_versions(counts)
+    assert len(top) == 21 and top[-1] == ("other", "other", sum(1000 - n for n in range(20, 1000)))
+
+
 async def test_products_list_release_and_report_counts(
     aiohttp_client: AiohttpClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -427,9 +457,22 @@ async def test_metrics_count_requests_reports_batches_and_the_fleet(
     assert metric(text, "opa_telemetry_catalog_releases", product="opa") > 100
     assert metric(text, "opa_telemetry_stats_aggregated_timestamp_seconds") > 1.7e9
     assert metric(text, "opa_telemetry_retention_last_run_timestamp_seconds") >= 0
+    assert "opa_telemetry_sync_last_success_timestamp_seconds{" not in text  # never synced
+    reader = client.app[INSIGHTS].reader
+    await reader.save_sync_state(
+        SyncState("opa", "https://api.github.com", last_success_at=1_700_000_000,
+                  last_error_at=1_700_000_100, last_error="HTTP 500")
+    )  # fmt: skip
+    text = await (await client.get("/metrics", headers=AUTH)).text()
+    assert metric(text, "opa_telemetry_sync_last_success_timestamp_seconds", product="opa") == (
+        1_700_000_000
+    )
+    assert metric(text, "opa_telemetry_sync_last_error_timestamp_seconds", product="opa") == (
+        1_700_000_100
+    )
     again = await (await client.get("/metrics", headers=AUTH)).text()
-    # The scrape itself was counted, and counters never go back.
-    assert metric(again, "opa_telemetry_requests_total", route="/metrics", status="200") == 1
+    # The scrapes themselves were counted, and counters never go back.
+    assert metric(again, "opa_telemetry_requests_total", route="/metrics", status="200") == 2
     assert metric(again, "opa_telemetry_reports_accepted_total") == 11
 
 
@@ -442,7 +485,9 @@ def test_fleet_gauge_keeps_the_top_twenty_versions_and_folds_the_rest() -> None:
     assert opa[20] == ("other", sum(range(1, 11)))
     assert ("myapp", "2.0.0", 3) in top
     public = top_versions(counts, min_group_size=5)
-    assert [v for p, v, _ in public if p == "myapp"] == ["other"]
+    # A product with fewer instances than the group size is not named at all.
+    assert [v for p, v, _ in public if p == "myapp"] == []
+    assert ("other", "other", 3) in public
     assert ("opa", "other", sum(range(1, 11))) in public
 
 

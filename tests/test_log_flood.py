@@ -97,7 +97,8 @@ def flood_lines(log: Path) -> list[str]:
         line
         for line in text.splitlines()
         if not any(
-            f" opa_telemetry_server.{name}: " in line for name in ("storage.sqlite", "app", "cli")
+            f" opa_telemetry_server.{name}: " in line
+            for name in ("storage.sqlite", "app", "cli", "runner")
         )
     ]
 

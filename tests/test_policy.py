@@ -38,6 +38,11 @@ def test_pin_caps_the_offer_and_yank_skips_a_release() -> None:
     assert answer["support"] == {"status": "yanked", "reason": "breaks bundles"}
 
 
+def test_a_pin_holds_after_the_pinned_release_is_removed() -> None:
+    # A removed pinned tag (by hand, or a pruning sync) must not let newer releases out.
+    assert catalog(Policy(pinned="v1.1.0"), "v1.0.0", "v1.2.0").latest("opa").tag == "v1.0.0"  # type: ignore[union-attr]
+
+
 def test_rollout_offers_a_release_to_a_stable_share_of_instances() -> None:
     view = catalog(Policy(rollouts={"v1.2.0": 30}), "v1.1.0", "v1.2.0")
     ids = [str(uuid.UUID(int=n * 7919)) for n in range(2000)]

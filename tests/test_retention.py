@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from opa_telemetry_server.app import create_app, purge_expired
+from opa_telemetry_server.app import create_app
 from opa_telemetry_server.cli import main
 from opa_telemetry_server.protocol import ClientInfo, parse_report
+from opa_telemetry_server.retention import purge_expired
 from opa_telemetry_server.storage.sqlite import SqliteStorage, shard_path
 from opa_telemetry_server.storage.sqlite_migrations import MIGRATIONS, SCHEMA_V1
 

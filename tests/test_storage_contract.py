@@ -357,3 +357,12 @@ async def test_an_exclusive_job_runs_in_one_process_at_a_time(backend: Any) -> N
             assert after  # released with the block
     finally:
         await other.close()
+
+
+def test_a_dsn_is_shown_without_any_password() -> None:
+    assert redact_dsn("postgresql://u:pw@db:5432/t") == "postgresql://u:***@db:5432/t"
+    assert (
+        redact_dsn("postgresql://u@db/t?sslmode=require&password=pw&sslpassword=k")
+        == "postgresql://u@db/t?sslmode=require&password=***&sslpassword=***"
+    )
+    assert redact_dsn("postgresql://u@db/t") == "postgresql://u@db/t"

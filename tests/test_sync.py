@@ -357,3 +357,19 @@ async def test_a_repo_name_with_control_characters_never_reaches_a_header(
     response = await client.get("/repos/%08x/%0B/releases?page=2")
     assert response.status == 200 and await response.json() == []
     assert response.headers["ETag"].isprintable()
+
+
+def test_the_github_token_goes_to_github_only_and_never_in_clear() -> None:
+    from opa_telemetry_server.cli import with_github_token
+    from opa_telemetry_server.settings import Settings
+
+    environ = {"GITHUB_TOKEN": TOKEN}
+    assert with_github_token(Settings(), environ).sync_token == TOKEN
+    # A chain's outer server is not GitHub: $GITHUB_TOKEN stays home.
+    outer = Settings(sync_api_url="http://outer.example:9181")
+    assert with_github_token(outer, environ).sync_token == ""
+    with pytest.raises(ValueError, match="never sent in clear"):
+        Settings(sync_api_url="http://outer.example:9181", sync_token=TOKEN)
+    # Plain HTTP to this host (a local stand-in, or a tunnel) may carry one.
+    local = Settings(sync_api_url="http://127.0.0.1:9181")
+    assert with_github_token(local, environ).sync_token == TOKEN

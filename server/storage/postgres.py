@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import date, timedelta
 from types import EllipsisType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -64,6 +64,7 @@ MIGRATION_LOCK = 0x6F70_6174_656C_6D31  # "opatelm1"
 RETENTION_LOCK = 0x6F70_6174_656C_6D32
 AGGREGATE_LOCK = 0x6F70_6174_656C_6D33
 JOB_LOCKS = 0x6F70_6174_0000_0000  # + CRC-32 of the job's name
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})  # in a DSN's query string
 CATALOG_CHANNEL = "opa_telemetry_catalog"  # the channel the trigger below notifies
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -397,15 +398,32 @@ def is_postgres_url(db: str) -> bool:
 
 
 def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password replaced by ``***`` (for logs and errors)."""
+    """``dsn`` with every password replaced by ``***``: in the ``user:password@`` part and in
+    the query string (``?password=...``, ``sslpassword``), for logs and errors."""
     parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    query = "&".join(
+        f"{key}=***" if key.lower() in SECRET_PARAMETERS else f"{key}={value}" if sep else key
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _secrets(dsn: str) -> list[str]:
+    """Every password ``dsn`` carries (for scrubbing error messages)."""
+    parts = urlsplit(dsn)
+    found = [parts.password] if parts.password else []
+    found += [
+        unquote(value)
+        for key, _, value in (item.partition("=") for item in parts.query.split("&"))
+        if key.lower() in SECRET_PARAMETERS and value
+    ]
+    return found
 
 
 def _day(text: str) -> date:
@@ -997,5 +1015,6 @@ def _count(status: str) -> int:
 def _reason(exc: BaseException, dsn: str = "") -> str:
     """A one-line reason for a database error, with any password removed."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    password = urlsplit(dsn).password if dsn else None
-    return text.replace(password, "***") if password else text
+    for secret in _secrets(dsn) if dsn else ():
+        text = text.replace(secret, "***")
+    return text

@@ -435,17 +435,24 @@ class SqliteStorage:
             if len(statements) == 1:  # the common case: one statement is one transaction
                 await self._conn.execute(*statements[0])
                 return
-            await self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            async with self._transaction():
                 for sql, parameters in statements:
                     await self._conn.execute(sql, parameters)
-                await self._conn.execute("COMMIT")
-            except BaseException:
-                await self._rollback()
-                raise
         except (sqlite3.Error, ValueError) as exc:
             # ValueError: the connection was closed under us during shutdown.
             raise StorageUnavailableError(f"could not commit: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` around the block (a ``return`` in it commits
+        too); ``ROLLBACK`` if anything, cancellation included, escapes it."""
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            await self._rollback()
+            raise
+        await self._conn.execute("COMMIT")
 
     async def _rollback(self) -> None:
         """Roll back if a transaction is open; never raises (the caller re-raises its error)."""
@@ -514,8 +521,7 @@ class SqliteStorage:
         ) as cursor:
             if await cursor.fetchone() is None:
                 raise CatalogError(f"{product} {tag} is not in the catalog")
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             async with self._conn.execute(
                 "SELECT yanked, yank_reason, rollout_percent FROM release_policies"
                 " WHERE product = ? AND tag = ?",
@@ -539,10 +545,6 @@ class SqliteStorage:
                     " updated_at = excluded.updated_at",
                     (product, tag, int(new[0]), new[1], new[2], int(time.time())),
                 )
-            await self._conn.execute("COMMIT")
-        except BaseException:
-            await self._rollback()
-            raise
         return changed
 
     # -- advisories --------------------------------------------------------------------------
@@ -557,12 +559,10 @@ class SqliteStorage:
         key = f"advisories_seeded:{product}"
         added = updated = 0
         now = int(time.time())
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             if seed:
                 async with self._conn.execute("SELECT 1 FROM meta WHERE key = ?", (key,)) as c:
                     if await c.fetchone():
-                        await self._conn.execute("COMMIT")
                         return 0, 0
                 await self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, now))
             for advisory in advisories:
@@ -581,10 +581,6 @@ class SqliteStorage:
                     (record, product, advisory.id, record),
                 )
                 updated += cursor.rowcount
-            await self._conn.execute("COMMIT")
-        except BaseException:
-            await self._rollback()
-            raise
         return added, updated
 
     async def remove_advisory(self, product: str, ident: str) -> bool:
@@ -627,8 +623,7 @@ class SqliteStorage:
     ) -> tuple[int, int, int]:
         """Add and update ``releases`` and, with ``prune``, remove the product's releases not
         among them; one transaction. Returns (added, updated, removed)."""
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             added, updated = await self._import(product, releases, update=True)
             removed = 0
             if prune:
@@ -639,10 +634,6 @@ class SqliteStorage:
                     (product, keep),
                 )
                 removed = cursor.rowcount
-            await self._conn.execute("COMMIT")
-        except BaseException:
-            await self._rollback()
-            raise
         return added, updated, removed
 
     async def seed_catalog(self, product: str, releases: Sequence[Release]) -> int:
@@ -652,20 +643,14 @@ class SqliteStorage:
         if an operator has since removed releases.
         """
         key = f"catalog_seeded:{product}"
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             async with self._conn.execute("SELECT 1 FROM meta WHERE key = ?", (key,)) as cur:
                 if await cur.fetchone():
-                    await self._conn.execute("COMMIT")
                     return 0
             added, _ = await self._import(product, releases, update=False)
             await self._conn.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?)", (key, int(time.time()))
             )
-            await self._conn.execute("COMMIT")
-        except BaseException:
-            await self._rollback()
-            raise
         return added
 
     async def add_release(self, product: str, release: Release, *, replace: bool = False) -> bool:
@@ -673,29 +658,18 @@ class SqliteStorage:
 
         Raises :class:`CatalogError` if the tag exists and not ``replace``.
         """
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             added, _ = await self._import(product, [release], update=replace)
             if not (added or replace):
                 raise CatalogError(
                     f"{product} {release.tag} is already in the catalog (use --replace)"
                 )
-            await self._conn.execute("COMMIT")
-        except BaseException:
-            await self._rollback()
-            raise
         return bool(added)
 
     async def import_releases(self, product: str, releases: Sequence[Release]) -> tuple[int, int]:
         """Add new tags and update changed ones in one transaction; returns (added, updated)."""
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            counts = await self._import(product, releases, update=True)
-            await self._conn.execute("COMMIT")
-        except BaseException:
-            await self._rollback()
-            raise
-        return counts
+        async with self._transaction():
+            return await self._import(product, releases, update=True)
 
     async def remove_release(self, product: str, tag: str) -> bool:
         """Remove one release; returns whether it existed."""
@@ -968,8 +942,7 @@ class SqliteStorage:
                     sources, utc_day(watermark or 0), changed_since=watermark
                 )
             for day in days:
-                await self._conn.execute("BEGIN IMMEDIATE")
-                try:
+                async with self._transaction():
                     async with self._conn.execute(DAY_INSTANCES_SQL, (day, day)) as cursor:
                         rows = await cursor.fetchall()
                     rollups = _rollups(day, rows)
@@ -980,10 +953,6 @@ class SqliteStorage:
                             (day,),
                         )
                         result.rows_deleted += cursor.rowcount
-                    await self._conn.execute("COMMIT")
-                except BaseException:
-                    await self._rollback()
-                    raise
                 result.days += 1
         return result
 

@@ -115,6 +115,12 @@ async def copy_sqlite_to_postgres(
             async with _read_only(path) as lite:
                 await _copy_table(lite, pg, "reports", "staged_reports_copy", tell)
                 await _copy_table(lite, pg, "version_checks", "staged_checks_copy", tell)
+        # The copied ids are explicit: move the id sequence past them, or the next release
+        # added (by hand or by sync) would collide with one of them.
+        await pg.execute(
+            "SELECT setval(pg_get_serial_sequence('releases', 'id'), max(id))"
+            " FROM releases HAVING max(id) IS NOT NULL"
+        )
         merged = await pg.execute(MERGE_STAGED_REPORTS_SQL)
         await pg.execute(MERGE_STAGED_CHECKS_SQL)
         counts["reports (merged)"] = int(merged.rsplit(" ", 1)[-1])
