@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 # prometheus-client's switch to multiprocess mode: the directory the workers share, handed to
 # the spawned workers through their environment.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+ORPHAN_CHECK_INTERVAL = 1.0  # seconds between a worker's checks that its supervisor lives
 
 
 def run_server(settings: Settings) -> int:
@@ -162,7 +163,7 @@ def _worker(
         with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
             runner.run(
                 serve(settings, lambda _: ready.send(index), worker=index, reuse_port=True,
-                      metrics_dir=metrics_dir)
+                      metrics_dir=metrics_dir, supervisor=os.getppid())
             )  # fmt: skip
     except (TelemetryError, OSError) as exc:
         ready.send(f"worker {index}: {describe(exc)}")
@@ -189,11 +190,14 @@ async def serve(
     worker: int = 0,
     reuse_port: bool = False,
     metrics_dir: str | None = None,
+    supervisor: int | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting, drain the queue and return.
 
     ``ready`` receives the base URL once the socket listens (default: print it): ``https://``
     when ``settings`` name a TLS certificate (raises :class:`TlsError` if it cannot be used).
+    ``supervisor``: a worker's parent pid; if that process goes away without stopping us (it
+    was killed), we stop too, the same graceful way, rather than serve on as an orphan.
     """
     from aiohttp import web
 
@@ -206,6 +210,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    watchdog = None
+    if supervisor is not None:
+        watchdog = asyncio.create_task(_stop_when_orphaned(supervisor, stop))
     try:
         app = create_app(settings, worker=worker, metrics_dir=metrics_dir)
         runner = web.AppRunner(
@@ -230,7 +237,18 @@ async def serve(
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
     logger.info("stopped")
+
+
+async def _stop_when_orphaned(supervisor: int, stop: asyncio.Event) -> None:
+    """Set ``stop`` once our parent is no longer ``supervisor`` (checked every second)."""
+    while os.getppid() == supervisor:  # noqa: ASYNC110 - a parent dying sends no event
+        await asyncio.sleep(ORPHAN_CHECK_INTERVAL)
+    logger.warning("the supervisor is gone; stopping this worker")
+    stop.set()
 
 
 def _scheme(settings: Settings) -> str:

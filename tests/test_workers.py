@@ -143,6 +143,29 @@ def test_a_crashed_worker_stops_the_server_with_an_error(
     )
 
 
+def test_workers_of_a_killed_supervisor_stop_by_themselves(
+    two_workers: tuple[str, subprocess.Popen[str], Path],
+) -> None:
+    # SIGKILL leaves the supervisor no chance to stop its workers: they notice and drain.
+    _, process, _ = two_workers
+    workers = worker_pids(process.pid)
+    assert len(workers) == 2
+    process.kill()
+    process.wait(30)
+
+    def alive(pid: int) -> bool:
+        status = Path(f"/proc/{pid}/status")
+        try:
+            return "zombie" not in status.read_text()
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(alive(w) for w in workers):
+        time.sleep(0.05)  # wait-until with a bound: each worker checks once a second
+    assert not any(alive(w) for w in workers)
+
+
 def test_workers_setting_is_bounded(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--workers", "9"]) == 2
     assert "workers must be 1-8" in capsys.readouterr().err
