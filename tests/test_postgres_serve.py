@@ -129,6 +129,47 @@ async def test_a_database_restart_under_load_loses_no_acknowledged_report(
     assert PASSWORD not in logs
 
 
+async def test_connections_cut_under_load_lose_no_acknowledged_report(
+    postgres_cluster: Any, postgres_dsn: str
+) -> None:
+    # What a proxy restart or a network cut does: the server's connections die mid-batch.
+    node, url = await start_node(postgres_dsn)
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        config = LoadConfig(
+            parse_target(url), concurrency=32, duration=5.0, instances=5000, seed=5, timeout=3.0
+        )
+        load = asyncio.create_task(run_load(config))
+        cut = 0
+        for _ in range(4):
+            await asyncio.sleep(0.8)
+            cut += len(
+                await admin.fetch(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = 'opa-telemetry'"
+                )
+            )
+        result = await load
+        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+            while True:  # the pool reconnects by itself
+                async with session.post(
+                    f"{url}/v1/version", json=report_body(), headers={"User-Agent": OPA_UA}
+                ) as response:
+                    if response.status == 200:
+                        break
+                    assert response.status == 503 and "Retry-After" in response.headers
+                await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+        logs = await stop_node(node)
+    stored = await stored_reports(postgres_dsn) - 1  # less the recovery probe
+    assert cut > 0 and result.reports_ok > 500, (cut, result)
+    assert result.reports_ok <= stored <= result.sent, (result.reports_ok, stored, result.sent)
+    assert PASSWORD not in logs
+    # Our own lines are one-line warnings (asyncpg may still report its cut connections).
+    assert not [line for line in logs.splitlines() if " ERROR " in line and "opa_telemetry" in line]
+
+
 async def test_a_server_started_before_its_database_waits_for_it(
     postgres_cluster: Any, postgres_dsn: str
 ) -> None:

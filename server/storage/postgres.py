@@ -389,6 +389,7 @@ UNAVAILABLE = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
     asyncpg.InsufficientResourcesError,
+    asyncpg.exceptions.InternalClientError,  # a connection cut mid-operation, seen by the pool
 )
 
 
@@ -547,7 +548,12 @@ class PostgresStorage:
     # -- the release catalog ----------------------------------------------------------------
 
     async def catalog_generation(self) -> int:
-        value = await self._pool.fetchval("SELECT value FROM meta WHERE key = 'catalog_generation'")
+        try:
+            value = await self._pool.fetchval(
+                "SELECT value FROM meta WHERE key = 'catalog_generation'"
+            )
+        except UNAVAILABLE as exc:
+            raise StorageUnavailableError(f"database does not answer: {_reason(exc)}") from None
         return int(value or 0)
 
     async def load_catalog_parts(self) -> CatalogParts:
