@@ -70,6 +70,20 @@ async def post_report(session: aiohttp.ClientSession, url: str, **fields: Any) -
         return await response.json()
 
 
+async def recovered(url: str) -> None:
+    """Post one report until it is taken (the pool reconnects by itself): meanwhile only 503s
+    with ``Retry-After``. It adds one report to the database."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+        while True:
+            async with session.post(
+                f"{url}/v1/version", json=report_body(), headers={"User-Agent": OPA_UA}
+            ) as response:
+                if response.status == 200:
+                    return
+                assert response.status == 503 and "Retry-After" in response.headers
+            await asyncio.sleep(0.2)
+
+
 async def test_two_nodes_share_reports_and_catalog_changes(postgres_dsn: str) -> None:
     first, first_url = await start_node(postgres_dsn)
     second, second_url = await start_node(postgres_dsn)
@@ -110,17 +124,7 @@ async def test_a_database_restart_under_load_loses_no_acknowledged_report(
         await asyncio.sleep(1.5)
         await asyncio.to_thread(postgres_cluster.restart, "fast")
         result = await load
-        # After the outage the node recovers by itself.
-        async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(30):
-                while True:
-                    async with session.post(
-                        f"{url}/v1/version", json=report_body(), headers={"User-Agent": OPA_UA}
-                    ) as response:
-                        if response.status == 200:
-                            break
-                        assert response.status == 503 and "Retry-After" in response.headers
-                    await asyncio.sleep(0.2)
+        await recovered(url)
     finally:
         logs = await stop_node(node)
     stored = await stored_reports(postgres_dsn) - 1  # less the recovery probe
@@ -150,15 +154,7 @@ async def test_connections_cut_under_load_lose_no_acknowledged_report(
                 )
             )
         result = await load
-        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
-            while True:  # the pool reconnects by itself
-                async with session.post(
-                    f"{url}/v1/version", json=report_body(), headers={"User-Agent": OPA_UA}
-                ) as response:
-                    if response.status == 200:
-                        break
-                    assert response.status == 503 and "Retry-After" in response.headers
-                await asyncio.sleep(0.2)
+        await recovered(url)
     finally:
         await admin.close()
         logs = await stop_node(node)

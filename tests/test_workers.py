@@ -134,13 +134,23 @@ def test_a_crashed_worker_stops_the_server_with_an_error(
     assert len(workers) == 2
     subprocess.run(["kill", "-KILL", str(workers[0])], check=True)
     assert process.wait(30) == 1
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
-        time.sleep(0.05)  # wait-until with a bound: the other worker is being stopped
-    assert not any(
-        Path(f"/proc/{w}/status").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text()
-        for w in workers
-    )
+    assert all_gone(workers, within=10)  # the other worker is stopped too
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, or no process at all, does not)."""
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def all_gone(pids: list[int], within: float) -> bool:
+    """Wait (bounded) until none of ``pids`` runs; whether that happened in time."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.05)
+    return not any(alive(pid) for pid in pids)
 
 
 def test_workers_of_a_killed_supervisor_stop_by_themselves(
@@ -152,18 +162,7 @@ def test_workers_of_a_killed_supervisor_stop_by_themselves(
     assert len(workers) == 2
     process.kill()
     process.wait(30)
-
-    def alive(pid: int) -> bool:
-        status = Path(f"/proc/{pid}/status")
-        try:
-            return "zombie" not in status.read_text()
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(alive(w) for w in workers):
-        time.sleep(0.05)  # wait-until with a bound: each worker checks once a second
-    assert not any(alive(w) for w in workers)
+    assert all_gone(workers, within=30)  # each worker checks once a second
 
 
 def test_workers_setting_is_bounded(capsys: pytest.CaptureFixture[str]) -> None:
