@@ -21,7 +21,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from .catalog import Catalog
-from .errors import QueryError
+from .errors import QueryError, TelemetryError
 from .protocol import DEFAULT_PRODUCT, product_slug
 from .releases import Release
 from .storage import AggregateResult, ProductCounts, Storage, Window
@@ -405,6 +405,8 @@ class Aggregator:
             try:
                 result = await self.run_once()
                 logger.debug("statistics: %d product-days aggregated", result.days)
+            except TelemetryError as exc:  # the database away (a failover...): one line
+                logger.warning("statistics aggregation failed; will retry: %s", exc)
             except Exception:
                 logger.warning("statistics aggregation failed; will retry", exc_info=True)
             await asyncio.sleep(self._interval)
