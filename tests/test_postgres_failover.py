@@ -38,12 +38,15 @@ BUSY = ("--retry-after", "1", "--stats-interval", "0.3", "--purge-interval", "0.
 
 async def refused(url: str) -> None:
     """One report, answered 503 with ``Retry-After`` (nothing can take writes right now)."""
-    async with aiohttp.ClientSession() as session, asyncio.timeout(60):
-        async with session.post(
+    async with (
+        aiohttp.ClientSession() as session,
+        asyncio.timeout(60),
+        session.post(
             f"{url}/v1/version", json=report_body(), headers={"User-Agent": OPA_UA}
-        ) as response:
-            assert response.status == 503, await response.text()
-            assert response.headers["Retry-After"] == "1"
+        ) as response,
+    ):
+        assert response.status == 503, await response.text()
+        assert response.headers["Retry-After"] == "1"
 
 
 async def probe_reports(dsn: str) -> int:
@@ -195,7 +198,9 @@ async def test_what_a_failover_to_a_standby_that_was_away_loses(postgres_pair: A
     finally:
         await stop_node(node)
     acknowledged = statuses.count(200)
-    stored = await stored_reports(standby.dsn(database)) - await probe_reports(standby.dsn(database))
+    stored = await stored_reports(standby.dsn(database)) - await probe_reports(
+        standby.dsn(database)
+    )
     if synchronous:
         assert acknowledged == 0 and stored == 0, (statuses, stored)
     else:
