@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from .protocol import product_slug
+from opa_telemetry_server.domain.protocol import product_slug
 
 ENV_PREFIX = "OPA_TELEMETRY_SERVER_"
 DEFAULT_DB = "opa-telemetry.db"
