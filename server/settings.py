@@ -2,7 +2,7 @@
 
 The CLI builds its ``serve`` flags from these fields (flag ``--max-body-bytes`` for field
 ``max_body_bytes``, env var ``OPA_TELEMETRY_SERVER_MAX_BODY_BYTES``), so the two can never
-drift apart. Nothing here reads the environment: only ``cli`` does.
+drift apart. Nothing here reads the environment: only the ``cli`` package does.
 """
 
 from __future__ import annotations

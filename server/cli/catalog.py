@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from opa_telemetry_server.cli.arguments import (
     STORAGE_SETTINGS,
-    SYNC_ALIASES,
-    SYNC_SETTINGS,
     Parser,
     add_product_flag,
     add_settings_flags,
@@ -34,6 +32,24 @@ from opa_telemetry_server.storage import Storage
 
 if TYPE_CHECKING:
     from opa_telemetry_server.services.sync import SyncResult
+
+
+# What `releases sync` reads, and the short spellings of its flags.
+SYNC_SETTINGS = (
+    "sync_product",
+    "sync_repo",
+    "sync_api_url",
+    "sync_include_prereleases",
+    "sync_prune",
+    "sync_token",
+)
+SYNC_ALIASES = {
+    "--product": "sync_product",
+    "--repo": "sync_repo",
+    "--api-url": "sync_api_url",
+    "--include-prereleases": "sync_include_prereleases",
+    "--prune": "sync_prune",
+}
 
 
 def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
