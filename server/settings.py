@@ -41,6 +41,11 @@ class Settings:
         "seconds serve keeps retrying a PostgreSQL database it cannot reach at start"
         " (0: give up at once)",
     )
+    db_pool_size: int = _knob(
+        4,
+        "PostgreSQL only: most connections each server process opens (keep nodes x workers x"
+        " this under the database's max_connections)",
+    )
     prefix: str = _knob("", "mount path prefix, e.g. /custom serves /custom/v1/version")
     log_level: str = _knob("info", "log level: debug, info, warning, error")
     access_log: bool = _knob(True, "log one line per request (never the client address)")
@@ -154,6 +159,7 @@ class Settings:
             "batch_size",
             "retry_after",
             "wal_checkpoint_pages",
+            "db_pool_size",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

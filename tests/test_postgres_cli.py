@@ -1,4 +1,5 @@
-"""Every ``opa-telemetry-server`` command on a PostgreSQL URL, as on a SQLite file.
+"""Every ``opa-telemetry-server`` command on a PostgreSQL URL, as on a SQLite file, and the
+settings that only PostgreSQL reads.
 
 The commands run in-process through ``main`` against a fresh database on the session's private
 cluster; ``serve``'s own migration creates the schema first, as a first node would.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,3 +84,21 @@ def test_the_data_commands(
     assert code == 1 and out == "" and "pg_dump" in err and err.count("\n") == 1
     assert PASSWORD not in err
     assert not (tmp_path / "copy").exists()
+
+
+async def test_a_process_opens_at_most_db_pool_size_connections(
+    postgres_cluster: Any, postgres_dsn: str
+) -> None:
+    database = postgres_dsn.rsplit("/", 1)[1]
+    storage = await open_storage(Settings(db=postgres_dsn, db_pool_size=2), migrate=True)
+    try:
+        await asyncio.gather(*(storage.products("2026-12-01") for _ in range(20)))
+        connections = postgres_cluster.psql(
+            "SELECT count(*) FROM pg_stat_activity"  # noqa: S608 - a name we made
+            f" WHERE datname = '{database}' AND application_name = 'opa-telemetry'"
+        )
+        assert int(connections) == 2
+    finally:
+        await storage.close()
+    with pytest.raises(ValueError, match="db_pool_size must be at least 1"):
+        Settings(db=postgres_dsn, db_pool_size=0)
