@@ -5,11 +5,11 @@ same size as the real server's answer; ``GET /repos/.../releases/latest`` answer
 object. No validation, no storage: the ceiling the real server is measured against, on the same
 event loop and JSON library, in the same number of processes (SO_REUSEPORT).
 
-``--await-batch`` adds only the skeleton of a durable acknowledgement: each report request goes
-through the real server's ingest queue (``opa_telemetry_server.ingest.Ingest``: queue a future,
-wait; one writer task takes what is queued and resolves the batch), whose "commit" is one round
-trip to a worker thread that does nothing. Still no validation and no storage: it shows what
-waiting for a commit costs by itself.
+``--await-batch`` adds only the skeleton of a durable acknowledgement: each report request
+goes through the real server's ingest queue (``opa_telemetry_server.services.ingest.Ingest``:
+queue a future, wait; one writer task takes what is queued and resolves the batch), whose
+"commit" is one round trip to a worker thread that does nothing. Still no validation and no
+storage: it shows what waiting for a commit costs by itself.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from opa_telemetry_server.ingest import Ingest
+from opa_telemetry_server.services.ingest import Ingest
 from opa_telemetry_server.storage import Storage
 
 ANSWER = {

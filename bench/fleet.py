@@ -29,11 +29,11 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from opa_telemetry_server.protocol import Report
-from opa_telemetry_server.releases import Release, bundled_releases
+from opa_telemetry_server.domain.protocol import Report
+from opa_telemetry_server.domain.releases import Release, bundled_releases
+from opa_telemetry_server.domain.versions import parse_version
 from opa_telemetry_server.settings import Settings
 from opa_telemetry_server.storage import is_postgres_url, open_storage
-from opa_telemetry_server.versions import parse_version
 
 T = TypeVar("T")
 BATCH = 5000

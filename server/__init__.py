@@ -22,7 +22,7 @@ _SERVER_DEPENDENCIES = ("aiohttp", "aiosqlite", "packaging", "prometheus_client"
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``opa-telemetry-server``; returns the exit status."""
     try:
-        from .cli import main as cli_main
+        from opa_telemetry_server.cli import main as cli_main
     except ModuleNotFoundError as exc:
         if exc.name not in _SERVER_DEPENDENCIES:
             raise

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from opa_telemetry_server.app import create_app
 from opa_telemetry_server.settings import Settings
+from opa_telemetry_server.web.app import create_app
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

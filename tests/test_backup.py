@@ -16,7 +16,7 @@ import pytest
 
 from opa_telemetry_server.cli import main
 from opa_telemetry_server.storage.sqlite import backup_pairs, existing_shards, shard_path
-from opa_telemetry_server.storage.sqlite_migrations import MIGRATIONS, SCHEMA_V1
+from opa_telemetry_server.storage.sqlite.migrations import MIGRATIONS, SCHEMA_V1
 
 from .conftest import OPA_UA, report_body, serve_argv, serving
 

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from opa_telemetry_server.app import create_app
 from opa_telemetry_server.cli import main
-from opa_telemetry_server.errors import CatalogError
-from opa_telemetry_server.releases import (
+from opa_telemetry_server.domain.releases import (
     download_url,
     platform_of,
     release_from_mapping,
     releases_from_json,
 )
+from opa_telemetry_server.errors import CatalogError
+from opa_telemetry_server.web.app import create_app
 
 from .conftest import AiohttpClient, make_settings, report_body
 from .test_cli import make_db, run
@@ -235,7 +235,7 @@ async def test_a_release_added_for_otherapp_is_served_to_otherapp_user_agents(
 
 
 async def _refresh(client: Any) -> None:
-    from opa_telemetry_server.appkeys import INTAKE
+    from opa_telemetry_server.web.appkeys import INTAKE
 
     await client.app[INTAKE].catalog.refresh()
 

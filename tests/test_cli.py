@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from opa_telemetry.cli import main as client_main
-from opa_telemetry_server.cli import build_parser, main, settings_from_args
-from opa_telemetry_server.releases import bundled_releases
+from opa_telemetry_server.cli import build_parser, main
+from opa_telemetry_server.cli.arguments import settings_from_args
+from opa_telemetry_server.domain.releases import bundled_releases
 from opa_telemetry_server.storage.sqlite import SqliteStorage
 
 from .conftest import RECORDED_REQUEST, REPO, ready_url, serve_argv, serving

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from opa_telemetry_server import errors
-from opa_telemetry_server.releases import bundled_releases
-from opa_telemetry_server.retention import purge_expired
+from opa_telemetry_server.domain.releases import bundled_releases
+from opa_telemetry_server.services.retention import purge_expired
 from opa_telemetry_server.storage.sqlite import SqliteStorage
 
 from .conftest import INSTANCE_ID, make_settings

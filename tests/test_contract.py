@@ -10,9 +10,9 @@ from typing import Any
 
 from opa_telemetry import Reporter, check_latest
 from opa_telemetry.payload import build_payload
-from opa_telemetry_server.app import create_app
-from opa_telemetry_server.protocol import parse_report, parse_user_agent
+from opa_telemetry_server.domain.protocol import parse_report, parse_user_agent
 from opa_telemetry_server.settings import Settings
+from opa_telemetry_server.web.app import create_app
 
 from .conftest import RECORDED_REQUEST, AiohttpServer, make_settings
 

@@ -30,12 +30,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Route, sync_playwright
 
-from opa_telemetry_server.app import create_app
-from opa_telemetry_server.catalog import Catalog
-from opa_telemetry_server.dashboard import CONTENT_SECURITY_POLICY, assets
-from opa_telemetry_server.protocol import Report, parse_report, parse_user_agent
-from opa_telemetry_server.releases import bundled_releases
+from opa_telemetry_server.domain.protocol import Report, parse_report, parse_user_agent
+from opa_telemetry_server.domain.releases import bundled_releases
+from opa_telemetry_server.services.catalog import Catalog
 from opa_telemetry_server.storage.sqlite import SqliteStorage
+from opa_telemetry_server.web.app import create_app
+from opa_telemetry_server.web.dashboard import CONTENT_SECURITY_POLICY, assets
 
 from .conftest import REPO, AiohttpClient, make_settings, serve_argv, serving
 

@@ -6,7 +6,8 @@ import re
 import shlex
 from configparser import ConfigParser
 
-from opa_telemetry_server.cli import build_parser, settings_from_args
+from opa_telemetry_server.cli import build_parser
+from opa_telemetry_server.cli.arguments import settings_from_args
 from opa_telemetry_server.settings import env_name, knobs
 
 from .conftest import REPO

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from opa_telemetry_server.app import create_app, runner_options
-from opa_telemetry_server.appkeys import STORAGE
 from opa_telemetry_server.cli import main
+from opa_telemetry_server.web.app import create_app, runner_options
+from opa_telemetry_server.web.appkeys import STORAGE
 
 from .conftest import INSTANCE_ID, OPA_UA, AiohttpServer, make_settings, report_body
 
@@ -314,7 +314,7 @@ async def test_overload_answers_503_at_once_keeps_health_and_recovers(
     import aiohttp
 
     from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
-    from opa_telemetry_server.appkeys import INTAKE
+    from opa_telemetry_server.web.appkeys import INTAKE
 
     server = await start(aiohttp_server, tmp_path, queue_size=50, busy_timeout=30.0)
     ingest = server.app[INTAKE].ingest

@@ -20,23 +20,23 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
-from opa_telemetry_server.advisories import advisory_from_osv
-from opa_telemetry_server.app import create_app, prepare_database
-from opa_telemetry_server.appkeys import INSIGHTS
-from opa_telemetry_server.catalog import Catalog
 from opa_telemetry_server.cli import main
-from opa_telemetry_server.insights import (
+from opa_telemetry_server.domain.advisories import advisory_from_osv
+from opa_telemetry_server.domain.releases import release_from_mapping
+from opa_telemetry_server.services.catalog import Catalog
+from opa_telemetry_server.services.insights import (
     MAX_DAYS,
     StatsQuery,
     build_document,
     heap_bucket_value,
     parse_stats_query,
 )
-from opa_telemetry_server.metrics import top_versions
-from opa_telemetry_server.releases import release_from_mapping
-from opa_telemetry_server.retention import purge_expired
+from opa_telemetry_server.services.metrics import top_versions
+from opa_telemetry_server.services.retention import purge_expired
 from opa_telemetry_server.storage import RETENTION_RUN_KEY, SyncState, Window
 from opa_telemetry_server.storage.sqlite import SqliteStorage, shard_path
+from opa_telemetry_server.web.app import create_app, prepare_database
+from opa_telemetry_server.web.appkeys import INSIGHTS
 
 from .conftest import AiohttpClient, make_settings, serve_argv, serving
 

@@ -27,10 +27,10 @@ from opa_telemetry.loadtest import (
     run_load,
 )
 from opa_telemetry.loadtest.fleet import OPA_VERSIONS
-from opa_telemetry_server.app import create_app
-from opa_telemetry_server.protocol import parse_report, parse_user_agent
-from opa_telemetry_server.releases import bundled_releases
-from opa_telemetry_server.versions import parse_version
+from opa_telemetry_server.domain.protocol import parse_report, parse_user_agent
+from opa_telemetry_server.domain.releases import bundled_releases
+from opa_telemetry_server.domain.versions import parse_version
+from opa_telemetry_server.web.app import create_app
 
 from .conftest import REPO, AiohttpServer, make_settings
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from yarl import URL
 
-from opa_telemetry_server.app import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
-from opa_telemetry_server.http_errors import BAD_REQUEST_LOG_INTERVAL, BadRequestCount
+from opa_telemetry_server.web.app import MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
+from opa_telemetry_server.web.http_errors import BAD_REQUEST_LOG_INTERVAL, BadRequestCount
 
 from .conftest import ready_url, serve_argv
 
@@ -98,7 +98,7 @@ def flood_lines(log: Path) -> list[str]:
         for line in text.splitlines()
         if not any(
             f" opa_telemetry_server.{name}: " in line
-            for name in ("storage.sqlite", "app", "cli", "runner")
+            for name in ("storage.sqlite.backend", "web.app", "cli", "cli.runner")
         )
     ]
 
@@ -142,7 +142,7 @@ def test_clients_leaving_mid_body_are_counted_not_logged_as_bugs(tmp_path: Path)
 
 
 def test_the_count_is_logged_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="opa_telemetry_server.http_errors")
+    caplog.set_level(logging.INFO, logger="opa_telemetry_server.web.http_errors")
     now = [1000.0]
     count = BadRequestCount(interval=60, clock=lambda: now[0])
     count.add("LineTooLong")  # the first one is logged at once

@@ -11,9 +11,9 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from opa_telemetry_server import __version__
-from opa_telemetry_server.app import create_app
-from opa_telemetry_server.openapi import documented_operations, openapi_document, openapi_path
-from opa_telemetry_server.routes import ROUTES
+from opa_telemetry_server.web.app import create_app
+from opa_telemetry_server.web.openapi import documented_operations, openapi_document, openapi_path
+from opa_telemetry_server.web.routes import ROUTES
 
 from .conftest import AiohttpClient, make_settings, serve_argv, serving
 

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from opa_telemetry_server.advisories import advisories_from_json, advisory_from_osv
-from opa_telemetry_server.app import create_app, prepare_database
-from opa_telemetry_server.appkeys import INTAKE
-from opa_telemetry_server.catalog import Catalog
 from opa_telemetry_server.cli import main
+from opa_telemetry_server.domain.advisories import advisories_from_json, advisory_from_osv
+from opa_telemetry_server.domain.policy import Policy, rollout_bucket
+from opa_telemetry_server.domain.releases import release_from_mapping
+from opa_telemetry_server.domain.versions import parse_version
 from opa_telemetry_server.errors import CatalogError
-from opa_telemetry_server.policy import Policy, rollout_bucket
-from opa_telemetry_server.releases import release_from_mapping
-from opa_telemetry_server.versions import parse_version
+from opa_telemetry_server.services.catalog import Catalog
+from opa_telemetry_server.web.app import create_app, prepare_database
+from opa_telemetry_server.web.appkeys import INTAKE
 
 from .conftest import AiohttpClient, make_settings, report_body
 from .test_cli import run

@@ -207,7 +207,7 @@ def test_cli_commands_explain_an_unreachable_database_without_the_password(dsn: 
 def test_the_environment_never_needs_asyncpg_for_sqlite() -> None:
     # SQLite users need not install the postgres extra: the backend is imported on demand.
     code = (
-        "import sys, opa_telemetry_server.app, opa_telemetry_server.cli;"
+        "import sys, opa_telemetry_server.web.app, opa_telemetry_server.cli;"
         " print('asyncpg' in sys.modules)"
     )
     result = subprocess.run(
@@ -230,9 +230,9 @@ def _restore_cluster(postgres_cluster: Any) -> Any:
 async def test_a_sqlite_database_with_shards_moves_to_postgres_whole(
     tmp_path: Any, postgres_dsn: str
 ) -> None:
-    from opa_telemetry_server.protocol import Report
+    from opa_telemetry_server.domain.protocol import Report
+    from opa_telemetry_server.domain.versions import parse_version
     from opa_telemetry_server.storage.sqlite import SqliteStorage, shard_path
-    from opa_telemetry_server.versions import parse_version
 
     db = tmp_path / "t.db"
     prepared = server_cli("releases", "list", "--db", str(db))  # no database yet: refused

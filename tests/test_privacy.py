@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from opa_telemetry_server.app import create_app, runner_options
-from opa_telemetry_server.http_errors import ServerLog, bad_requests
+from opa_telemetry_server.web.app import create_app, runner_options
+from opa_telemetry_server.web.http_errors import ServerLog, bad_requests
 
 from .conftest import AiohttpServer, make_settings, report_body
 

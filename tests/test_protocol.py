@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from opa_telemetry_server.domain.protocol import ClientInfo, parse_report, parse_user_agent
 from opa_telemetry_server.errors import ReportError
-from opa_telemetry_server.protocol import ClientInfo, parse_report, parse_user_agent
 
 from .conftest import INSTANCE_ID, report_body
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from opa_telemetry_server.app import create_app
-from opa_telemetry_server.ratelimit import RateLimiter
+from opa_telemetry_server.web.app import create_app
+from opa_telemetry_server.web.ratelimit import RateLimiter
 
 from .conftest import OPA_UA, AiohttpClient, make_settings, report_body
 

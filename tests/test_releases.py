@@ -6,9 +6,7 @@ from datetime import date
 
 import pytest
 
-from opa_telemetry_server.catalog import Catalog
-from opa_telemetry_server.errors import CatalogError
-from opa_telemetry_server.releases import (
+from opa_telemetry_server.domain.releases import (
     Release,
     asset_for_platform,
     bundled_releases,
@@ -17,7 +15,9 @@ from opa_telemetry_server.releases import (
     release_from_mapping,
     releases_from_json,
 )
-from opa_telemetry_server.versions import parse_version
+from opa_telemetry_server.domain.versions import parse_version
+from opa_telemetry_server.errors import CatalogError
+from opa_telemetry_server.services.catalog import Catalog
 
 BUNDLED = {release.tag: release for release in bundled_releases()}
 

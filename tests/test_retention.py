@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from opa_telemetry_server.app import create_app
 from opa_telemetry_server.cli import main
-from opa_telemetry_server.protocol import ClientInfo, parse_report
-from opa_telemetry_server.retention import purge_expired
+from opa_telemetry_server.domain.protocol import ClientInfo, parse_report
+from opa_telemetry_server.services.retention import purge_expired
 from opa_telemetry_server.storage.sqlite import SqliteStorage, shard_path
-from opa_telemetry_server.storage.sqlite_migrations import MIGRATIONS, SCHEMA_V1
+from opa_telemetry_server.storage.sqlite.migrations import MIGRATIONS, SCHEMA_V1
+from opa_telemetry_server.web.app import create_app
 
 from .conftest import INSTANCE_ID, OPA_UA, AiohttpClient, make_settings, report_body
 

@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from opa_telemetry_server.app import create_app
-from opa_telemetry_server.appkeys import INTAKE
 from opa_telemetry_server.settings import Settings
+from opa_telemetry_server.web.app import create_app
+from opa_telemetry_server.web.appkeys import INTAKE
 
 from .conftest import INSTANCE_ID, OPA_UA, AiohttpClient, make_settings, report_body
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
-from opa_telemetry_server.catalog import load_catalog
+from opa_telemetry_server.domain.protocol import Report
+from opa_telemetry_server.domain.releases import bundled_releases, release_from_mapping
+from opa_telemetry_server.domain.versions import parse_version
 from opa_telemetry_server.errors import CatalogError, SchemaError
-from opa_telemetry_server.protocol import Report
-from opa_telemetry_server.releases import bundled_releases, release_from_mapping
-from opa_telemetry_server.storage.sqlite import SqliteStorage, _migrate
-from opa_telemetry_server.storage.sqlite_migrations import MIGRATIONS
-from opa_telemetry_server.versions import parse_version
+from opa_telemetry_server.services.catalog import load_catalog
+from opa_telemetry_server.storage.sqlite import SqliteStorage
+from opa_telemetry_server.storage.sqlite.backend import _migrate
+from opa_telemetry_server.storage.sqlite.migrations import MIGRATIONS
 
 from .conftest import INSTANCE_ID
 

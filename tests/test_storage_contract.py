@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from opa_telemetry_server.advisories import bundled_advisories
-from opa_telemetry_server.catalog import load_catalog
+from opa_telemetry_server.domain.advisories import bundled_advisories
+from opa_telemetry_server.domain.protocol import Report
+from opa_telemetry_server.domain.releases import Release, release_from_mapping
+from opa_telemetry_server.domain.versions import parse_version
 from opa_telemetry_server.errors import CatalogError, SchemaError
-from opa_telemetry_server.protocol import Report
-from opa_telemetry_server.releases import Release, release_from_mapping
+from opa_telemetry_server.services.catalog import load_catalog
 from opa_telemetry_server.storage import SyncState
 from opa_telemetry_server.storage.postgres import PostgresStorage, redact_dsn
 from opa_telemetry_server.storage.sqlite import SqliteStorage
-from opa_telemetry_server.versions import parse_version
 
 from .pgcluster import PASSWORD
 

@@ -17,13 +17,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from opa_telemetry_server.app import create_app, prepare_database
-from opa_telemetry_server.appkeys import INTAKE
-from opa_telemetry_server.catalog import load_catalog
 from opa_telemetry_server.cli import main as cli_main
 from opa_telemetry_server.errors import SyncError
+from opa_telemetry_server.services.catalog import load_catalog
+from opa_telemetry_server.services.sync import SyncTarget, _sync_once, sync_product, sync_target
 from opa_telemetry_server.storage.sqlite import SqliteStorage
-from opa_telemetry_server.sync import SyncTarget, _sync_once, sync_product, sync_target
+from opa_telemetry_server.web.app import create_app, prepare_database
+from opa_telemetry_server.web.appkeys import INTAKE
 
 from .conftest import AiohttpClient, make_settings
 
@@ -360,7 +360,7 @@ async def test_a_repo_name_with_control_characters_never_reaches_a_header(
 
 
 def test_the_github_token_goes_to_github_only_and_never_in_clear() -> None:
-    from opa_telemetry_server.cli import with_github_token
+    from opa_telemetry_server.cli.arguments import with_github_token
     from opa_telemetry_server.settings import Settings
 
     environ = {"GITHUB_TOKEN": TOKEN}

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from opa_telemetry_server.versions import Version, VersionError, is_up_to_date, parse_version
+from opa_telemetry_server.domain.versions import Version, VersionError, is_up_to_date, parse_version
 
 
 def key(text: str) -> tuple[Any, ...]:

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
-from opa_telemetry_server.app import create_app
 from opa_telemetry_server.cli import main
-from opa_telemetry_server.protocol import Report
+from opa_telemetry_server.domain.protocol import Report
+from opa_telemetry_server.domain.versions import parse_version
 from opa_telemetry_server.storage.sqlite import SqliteStorage, existing_shards, shard_path
-from opa_telemetry_server.versions import parse_version
+from opa_telemetry_server.web.app import create_app
 
 from .conftest import INSTANCE_ID, AiohttpClient, make_settings, report_body, serve_argv, serving
 

@@ -15,13 +15,12 @@ from pathlib import Path
 from types import EllipsisType
 from typing import Protocol
 
-from opa_telemetry_server.advisories import Advisory
+from opa_telemetry_server.domain.advisories import Advisory
+from opa_telemetry_server.domain.protocol import Report
+from opa_telemetry_server.domain.releases import Release
 from opa_telemetry_server.errors import BackupError, UsageError
-from opa_telemetry_server.protocol import Report
-from opa_telemetry_server.releases import Release
 from opa_telemetry_server.settings import Settings
-
-from .records import (
+from opa_telemetry_server.storage.records import (
     AGGREGATED_AT_KEY,
     RETENTION_RUN_KEY,
     WATERMARK_KEY,
@@ -146,12 +145,17 @@ async def open_storage(
     message a person can act on.
     """
     if is_postgres_url(settings.db):
-        from .postgres import PostgresStorage  # asyncpg only for those who use it
+        # asyncpg is imported only by those who use it
+        from opa_telemetry_server.storage.postgres import PostgresStorage
 
         return await PostgresStorage.open(
-            settings.db, migrate=migrate, statement_timeout=settings.busy_timeout, wait=wait
+            settings.db,
+            migrate=migrate,
+            statement_timeout=settings.busy_timeout,
+            pool_size=settings.db_pool_size,
+            wait=wait,
         )
-    from .sqlite import SqliteStorage, shard_path
+    from opa_telemetry_server.storage.sqlite import SqliteStorage, shard_path
 
     return await SqliteStorage.open(
         shard_path(settings.db, worker),
@@ -172,7 +176,7 @@ async def backup_database(
             "the database is PostgreSQL: back it up with pg_dump (or your provider's snapshots),"
             " e.g. pg_dump --format=custom --file=telemetry.dump DBNAME"
         )
-    from .sqlite import backup_database as backup_sqlite
+    from opa_telemetry_server.storage.sqlite import backup_database as backup_sqlite
 
     return await backup_sqlite(settings, dest, force=force)
 
@@ -185,8 +189,8 @@ async def import_sqlite(
     name (without its password). See ``transfer``."""
     if not is_postgres_url(settings.db):
         raise UsageError("--db must name the PostgreSQL database to copy into (postgresql://...)")
-    from .postgres import PostgresStorage
-    from .transfer import copy_sqlite_to_postgres
+    from opa_telemetry_server.storage.postgres import PostgresStorage
+    from opa_telemetry_server.storage.transfer import copy_sqlite_to_postgres
 
     # One long transaction by design: no statement timeout.
     target = await PostgresStorage.open(settings.db, statement_timeout=0)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from opa_telemetry_server.advisories import Advisory, advisory_from_osv
+from opa_telemetry_server.domain.advisories import Advisory, advisory_from_osv
+from opa_telemetry_server.domain.policy import Policy
+from opa_telemetry_server.domain.releases import Release, release_from_mapping
+from opa_telemetry_server.domain.versions import VersionError, parse_version
 from opa_telemetry_server.errors import CatalogError
-from opa_telemetry_server.policy import Policy
-from opa_telemetry_server.releases import Release, release_from_mapping
-from opa_telemetry_server.versions import VersionError, parse_version
 
 logger = logging.getLogger(__name__)
 

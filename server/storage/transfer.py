@@ -20,9 +20,8 @@ from typing import Any
 import aiosqlite
 
 from opa_telemetry_server.errors import SchemaError
-
-from .postgres import PostgresStorage
-from .sqlite import SqliteStorage, existing_shards
+from opa_telemetry_server.storage.postgres import PostgresStorage
+from opa_telemetry_server.storage.sqlite import SqliteStorage, existing_shards
 
 CHUNK = 10_000  # rows read from SQLite and sent by COPY at a time
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from .catalog import Catalog
-from .errors import QueryError, TelemetryError
-from .protocol import DEFAULT_PRODUCT, product_slug
-from .releases import Release
-from .storage import AggregateResult, ProductCounts, Storage, Window
-from .versions import Version, VersionError, parse_version
+from opa_telemetry_server.domain.protocol import DEFAULT_PRODUCT, product_slug
+from opa_telemetry_server.domain.releases import Release
+from opa_telemetry_server.domain.versions import Version, VersionError, parse_version
+from opa_telemetry_server.errors import QueryError, TelemetryError
+from opa_telemetry_server.services.catalog import Catalog
+from opa_telemetry_server.storage import AggregateResult, ProductCounts, Storage, Window
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
-from . import __version__
-from .errors import TelemetryError, describe
-from .settings import Settings
-from .tls import server_tls_context
+from opa_telemetry_server import __version__
+from opa_telemetry_server.errors import TelemetryError, describe
+from opa_telemetry_server.settings import Settings
+from opa_telemetry_server.web.tls import server_tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def _supervise(settings: Settings) -> int:
     every worker exited cleanly after SIGINT/SIGTERM, 1 if one died on its own (the others are
     then stopped too, so a process manager can restart the whole server).
     """
-    from .app import prepare_database
-    from .retention import aggregate_now
+    from opa_telemetry_server.services.retention import aggregate_now
+    from opa_telemetry_server.web.app import prepare_database
 
     server_tls_context(settings)  # each worker loads its own; a bad file stops us here, once
     asyncio.run(prepare_database(settings))
@@ -201,7 +201,7 @@ async def serve(
     """
     from aiohttp import web
 
-    from .app import create_app, runner_options
+    from opa_telemetry_server.web.app import create_app, runner_options
 
     tls = server_tls_context(settings)  # before anything else: a bad file is a one-line error
     # Handlers first: a SIGTERM that arrives while we start (or right after "listening") must

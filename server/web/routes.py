@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import handlers
-from .appkeys import REQUESTS
-from .http_errors import Handler, json_errors, method_not_allowed, not_found
+from opa_telemetry_server.web import handlers
+from opa_telemetry_server.web.appkeys import REQUESTS
+from opa_telemetry_server.web.http_errors import Handler, json_errors, method_not_allowed, not_found
 
 # Each route is described in openapi.json (tests/test_openapi.py fails otherwise).
 ROUTES: tuple[tuple[str, str, Handler], ...] = (

@@ -9,10 +9,9 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from . import dashboard
-from .access import View, authorize
-from .appkeys import CODEC, INSIGHTS, INTAKE, REPOS, REQUESTS, SETTINGS, STORAGE, Intake
-from .errors import (
+from opa_telemetry_server.domain.protocol import parse_report, parse_user_agent, product_slug
+from opa_telemetry_server.domain.releases import Release
+from opa_telemetry_server.errors import (
     BodyTooLargeError,
     NotFoundError,
     QueryError,
@@ -20,19 +19,29 @@ from .errors import (
     SlowRequestError,
     UnsupportedMediaTypeError,
 )
-from .http_errors import error_answer
-from .insights import (
+from opa_telemetry_server.services.insights import (
     parse_stats_query,
     products_document,
     publicly_listed,
     stats_document,
     utc_today,
 )
-from .metrics import CONTENT_TYPE, FleetState
-from .openapi import openapi_json
-from .protocol import parse_report, parse_user_agent, product_slug
-from .releases import Release
-from .storage import AGGREGATED_AT_KEY, RETENTION_RUN_KEY
+from opa_telemetry_server.services.metrics import CONTENT_TYPE, FleetState
+from opa_telemetry_server.storage import AGGREGATED_AT_KEY, RETENTION_RUN_KEY
+from opa_telemetry_server.web import dashboard
+from opa_telemetry_server.web.access import View, authorize
+from opa_telemetry_server.web.appkeys import (
+    CODEC,
+    INSIGHTS,
+    INTAKE,
+    REPOS,
+    REQUESTS,
+    SETTINGS,
+    STORAGE,
+    Intake,
+)
+from opa_telemetry_server.web.http_errors import error_answer
+from opa_telemetry_server.web.openapi import openapi_json
 
 # GitHub's list pagination: 30 per page unless ``per_page`` says otherwise, at most 100.
 DEFAULT_PER_PAGE = 30

@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .releases import Release
-from .versions import Version, VersionError, parse_version
+from opa_telemetry_server.domain.releases import Release
+from opa_telemetry_server.domain.versions import Version, VersionError, parse_version
 
 BUCKETS = 100
 

@@ -25,8 +25,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .ingest import Ingest
-from .storage import SyncState
+from opa_telemetry_server.services.ingest import Ingest
+from opa_telemetry_server.storage import SyncState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FLUSH_INTERVAL = 1.0  # seconds between copies of the hot path's tallies into the metrics

@@ -6,8 +6,8 @@ import ssl
 from functools import partial
 from pathlib import Path
 
-from .errors import TlsError
-from .settings import Settings
+from opa_telemetry_server.errors import TlsError
+from opa_telemetry_server.settings import Settings
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -8,14 +8,14 @@ from typing import Any
 
 from aiohttp import web
 
-from .catalog import CatalogCache
-from .codec import JsonCodec
-from .ingest import Ingest
-from .insights import Aggregator
-from .metrics import ProcessMetrics, RequestTally
-from .ratelimit import RateLimiter
-from .settings import Settings
-from .storage import Storage
+from opa_telemetry_server.domain.codec import JsonCodec
+from opa_telemetry_server.services.catalog import CatalogCache
+from opa_telemetry_server.services.ingest import Ingest
+from opa_telemetry_server.services.insights import Aggregator
+from opa_telemetry_server.services.metrics import ProcessMetrics, RequestTally
+from opa_telemetry_server.settings import Settings
+from opa_telemetry_server.storage import Storage
+from opa_telemetry_server.web.ratelimit import RateLimiter
 
 SETTINGS = web.AppKey("settings", Settings)
 CODEC = web.AppKey("codec", JsonCodec)

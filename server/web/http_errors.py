@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import hdrs, web, web_log
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .errors import (
+from opa_telemetry_server.errors import (
     BodyTooLargeError,
     ForbiddenError,
     NotFoundError,

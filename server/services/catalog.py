@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from .advisories import Advisory, affecting, group_advisories
-from .errors import StorageUnavailableError
-from .policy import Offer, Policy, offer, rollout_bucket, support_status
-from .releases import Release, group_by_product, latest_answer
-from .storage import Storage
-from .versions import Version
+from opa_telemetry_server.domain.advisories import Advisory, affecting, group_advisories
+from opa_telemetry_server.domain.policy import Offer, Policy, offer, rollout_bucket, support_status
+from opa_telemetry_server.domain.releases import Release, group_by_product, latest_answer
+from opa_telemetry_server.domain.versions import Version
+from opa_telemetry_server.errors import StorageUnavailableError
+from opa_telemetry_server.storage import Storage
 
 logger = logging.getLogger(__name__)
 

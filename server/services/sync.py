@@ -22,12 +22,12 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from . import __version__
-from .errors import CatalogError, SyncError
-from .protocol import product_slug
-from .releases import Release, release_from_github
-from .settings import Settings
-from .storage import Storage, SyncState
+from opa_telemetry_server import __version__
+from opa_telemetry_server.domain.protocol import product_slug
+from opa_telemetry_server.domain.releases import Release, release_from_github
+from opa_telemetry_server.errors import CatalogError, SyncError
+from opa_telemetry_server.settings import Settings
+from opa_telemetry_server.storage import Storage, SyncState
 
 logger = logging.getLogger(__name__)
 

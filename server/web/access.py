@@ -12,8 +12,8 @@ import enum
 import hmac
 from collections.abc import Mapping
 
-from .errors import ForbiddenError, UnauthorizedError
-from .settings import Settings, env_name
+from opa_telemetry_server.errors import ForbiddenError, UnauthorizedError
+from opa_telemetry_server.settings import Settings, env_name
 
 HOW_TO_ENABLE = (
     f"start the server with --admin-token TOKEN (env {env_name('admin_token')}) and send"

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .errors import ReportError
-from .versions import Version, VersionError, parse_version
+from opa_telemetry_server.domain.versions import Version, VersionError, parse_version
+from opa_telemetry_server.errors import ReportError
 
 DEFAULT_PRODUCT = "opa"
 MAX_USER_AGENT_LENGTH = 512

@@ -14,7 +14,7 @@ import re
 from importlib import resources
 from typing import Any
 
-from . import __version__
+from opa_telemetry_server import __version__
 
 DOCUMENT = "openapi.json"
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})

@@ -17,8 +17,8 @@ from importlib import resources
 
 from aiohttp import hdrs, web
 
-from .errors import NotFoundError
-from .settings import Settings
+from opa_telemetry_server.errors import NotFoundError
+from opa_telemetry_server.settings import Settings
 
 PAGE = "dashboard.html"
 ASSET_PATH = "dashboard/assets/"  # relative to the page, so that any mount prefix works
@@ -73,7 +73,7 @@ def _asset(name: str, body: bytes) -> Asset:
 def assets() -> Mapping[str, Asset]:
     """Every servable file under ``static/`` by its path there (``vendor/uPlot.min.css``),
     read once per process. The page itself is not an asset."""
-    root = resources.files(__package__).joinpath("static")
+    root = resources.files("opa_telemetry_server").joinpath("static")
     found: dict[str, Asset] = {}
     pending = [(root, "")]
     while pending:
@@ -95,7 +95,7 @@ def page(access: str) -> Asset:
     """
     if access not in ACCESS_MODES:
         raise ValueError(f"access must be one of {ACCESS_MODES}")
-    template = resources.files(__package__).joinpath("static", PAGE).read_text("utf-8")
+    template = resources.files("opa_telemetry_server").joinpath("static", PAGE).read_text("utf-8")
     files = assets()
 
     def versioned(match: re.Match[str]) -> str:

@@ -25,9 +25,9 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import CatalogError
-from .protocol import DEFAULT_PRODUCT
-from .versions import Version, VersionError, is_up_to_date, parse_version
+from opa_telemetry_server.domain.protocol import DEFAULT_PRODUCT
+from opa_telemetry_server.domain.versions import Version, VersionError, is_up_to_date, parse_version
+from opa_telemetry_server.errors import CatalogError
 
 OPA_DOWNLOAD_BASE = "https://openpolicyagent.org/downloads"
 OPA_RELEASES_BASE = "https://github.com/open-policy-agent/opa/releases/tag"
@@ -338,7 +338,7 @@ def releases_from_json(text: str | bytes, product: str = DEFAULT_PRODUCT) -> Par
 
 def bundled_releases() -> list[Release]:
     """OPA's release history as shipped inside the package (the default catalog)."""
-    data = resources.files(__package__).joinpath("data", BUNDLED_CATALOG).read_bytes()
+    data = resources.files("opa_telemetry_server").joinpath("data", BUNDLED_CATALOG).read_bytes()
     return releases_from_json(data).releases
 
 

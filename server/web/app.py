@@ -12,22 +12,32 @@ from typing import Any
 
 from aiohttp import web
 
-from .advisories import bundled_advisories
-from .appkeys import CODEC, INSIGHTS, INTAKE, REPOS, REQUESTS, SETTINGS, STORAGE, Insights, Intake
-from .catalog import CatalogCache
-from .codec import json_codec
-from .http_errors import logging_options
-from .ingest import Ingest
-from .insights import Aggregator
-from .metrics import FLUSH_INTERVAL, ProcessMetrics, RequestTally
-from .protocol import DEFAULT_PRODUCT
-from .ratelimit import RateLimiter
-from .releases import bundled_releases
-from .retention import run_retention
-from .routes import setup_routes
-from .settings import Settings
-from .storage import open_storage
-from .sync import run_sync, sync_target
+from opa_telemetry_server.domain.advisories import bundled_advisories
+from opa_telemetry_server.domain.codec import json_codec
+from opa_telemetry_server.domain.protocol import DEFAULT_PRODUCT
+from opa_telemetry_server.domain.releases import bundled_releases
+from opa_telemetry_server.services.catalog import CatalogCache
+from opa_telemetry_server.services.ingest import Ingest
+from opa_telemetry_server.services.insights import Aggregator
+from opa_telemetry_server.services.metrics import FLUSH_INTERVAL, ProcessMetrics, RequestTally
+from opa_telemetry_server.services.retention import run_retention
+from opa_telemetry_server.services.sync import run_sync, sync_target
+from opa_telemetry_server.settings import Settings
+from opa_telemetry_server.storage import open_storage
+from opa_telemetry_server.web.appkeys import (
+    CODEC,
+    INSIGHTS,
+    INTAKE,
+    REPOS,
+    REQUESTS,
+    SETTINGS,
+    STORAGE,
+    Insights,
+    Intake,
+)
+from opa_telemetry_server.web.http_errors import logging_options
+from opa_telemetry_server.web.ratelimit import RateLimiter
+from opa_telemetry_server.web.routes import setup_routes
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
-from .errors import TelemetryError
-from .settings import Settings
-from .storage import RETENTION_RUN_KEY, PurgeResult, open_storage
+from opa_telemetry_server.errors import TelemetryError
+from opa_telemetry_server.settings import Settings
+from opa_telemetry_server.storage import RETENTION_RUN_KEY, PurgeResult, open_storage
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""SQLite storage: the only module that speaks SQL (with ``migrations``, which holds the schema).
+"""The SQLite backend's SQL (its schema steps are in ``migrations``).
 
-One :class:`Storage` owns one aiosqlite connection. The ingest writer is its only writer on
+One :class:`SqliteStorage` owns one aiosqlite connection. The ingest writer is its only writer on
 the hot path; the CLI opens its own :class:`Storage` for catalog and statistics commands.
 Every database failure on a write surfaces as :class:`StorageUnavailableError`, which the
 HTTP layer turns into a 503 with ``Retry-After``.
@@ -27,19 +27,18 @@ from urllib.parse import quote
 
 import aiosqlite
 
-from opa_telemetry_server.advisories import Advisory
-from opa_telemetry_server.codec import json_codec
+from opa_telemetry_server.domain.advisories import Advisory
+from opa_telemetry_server.domain.codec import json_codec
+from opa_telemetry_server.domain.protocol import Report
+from opa_telemetry_server.domain.releases import Release
 from opa_telemetry_server.errors import (
     BackupError,
     CatalogError,
     SchemaError,
     StorageUnavailableError,
 )
-from opa_telemetry_server.protocol import Report
-from opa_telemetry_server.releases import Release
 from opa_telemetry_server.settings import Settings
-
-from .records import (
+from opa_telemetry_server.storage.records import (
     AGGREGATED_AT_KEY,
     SELECT_PRODUCT_POLICIES_SQL,
     SELECT_RELEASE_POLICIES_SQL,
@@ -57,7 +56,7 @@ from .records import (
     day_detail,
     utc_day,
 )
-from .sqlite_migrations import MIGRATIONS
+from opa_telemetry_server.storage.sqlite.migrations import MIGRATIONS
 
 logger = logging.getLogger(__name__)
 

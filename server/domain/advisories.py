@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from .errors import CatalogError
-from .releases import check_url
-from .versions import Version, VersionError, parse_version
+from opa_telemetry_server.domain.releases import check_url
+from opa_telemetry_server.domain.versions import Version, VersionError, parse_version
+from opa_telemetry_server.errors import CatalogError
 
 BUNDLED_ADVISORIES = "opa-advisories.osv.json"
 MAX_RECORD_BYTES = 64 * 1024
@@ -177,7 +177,7 @@ def advisories_from_json(text: str | bytes) -> list[Advisory]:
 
 def bundled_advisories() -> list[Advisory]:
     """OPA's advisories as shipped inside the package (the default set)."""
-    data = resources.files(__package__).joinpath("data", BUNDLED_ADVISORIES).read_bytes()
+    data = resources.files("opa_telemetry_server").joinpath("data", BUNDLED_ADVISORIES).read_bytes()
     return advisories_from_json(data)
 
 

@@ -15,9 +15,9 @@ import logging
 import time
 from collections import deque
 
-from .errors import OverloadedError, ShuttingDownError, StorageUnavailableError
-from .protocol import Report
-from .storage import Storage
+from opa_telemetry_server.domain.protocol import Report
+from opa_telemetry_server.errors import OverloadedError, ShuttingDownError, StorageUnavailableError
+from opa_telemetry_server.storage import Storage
 
 logger = logging.getLogger(__name__)
 
