@@ -11,11 +11,11 @@ schema steps run under an advisory lock, so nodes starting together migrate once
 runs on one node at a time (another advisory lock).
 
 Failover: ``--db`` may name several servers, ``postgresql://user@host1:5432,host2:5432/db``;
-each new connection takes the first of them that accepts writes (``target_session_attrs``,
-``read-write`` unless the DSN says otherwise). A connection that finds its server read-only (a
-standby, or ``default_transaction_read_only``) expires the whole pool, so that every
-connection is made anew, through the host list, as it comes back; meanwhile writes raise
-:class:`StorageUnavailableError` (a 503 with ``Retry-After``).
+each new connection takes the first of them that accepts writes (``target_session_attrs``:
+``read-write`` when several are named and the DSN does not choose). A connection that finds
+its server read-only (a standby, or ``default_transaction_read_only``) expires the whole pool,
+so that every connection is made anew, through the host list, as it comes back; meanwhile
+writes raise :class:`StorageUnavailableError` (a 503 with ``Retry-After``).
 
 The password in a DSN never appears in a log line or an error message: see :func:`redact_dsn`.
 """
