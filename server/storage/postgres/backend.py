@@ -714,8 +714,10 @@ class PostgresStorage:
         else run the block without it (False). The lock goes with its connection, so a node
         that dies mid-job frees it."""
         key = JOB_LOCKS + zlib.crc32(job.encode())
-        async with self._acquire() as conn:
-            mine = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+        async with contextlib.AsyncExitStack() as stack:
+            with _faults(f"cannot take the lock of {job}"):  # not the block's own errors
+                conn = await stack.enter_async_context(self._acquire())
+                mine = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
             try:
                 yield mine
             finally:
