@@ -160,9 +160,13 @@ def test_workers_of_a_killed_supervisor_stop_by_themselves(
     _, process, _ = two_workers
     workers = worker_pids(process.pid)
     assert len(workers) == 2
+    environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+    [metrics] = [v.split(b"=", 1)[1] for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
+    assert Path(metrics.decode()).is_dir()
     process.kill()
     process.wait(30)
     assert all_gone(workers, within=30)  # each worker checks once a second
+    assert not Path(metrics.decode()).exists()  # nor do they leave their metrics files behind
 
 
 def test_workers_setting_is_bounded(capsys: pytest.CaptureFixture[str]) -> None:

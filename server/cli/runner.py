@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -159,17 +160,20 @@ def _worker(
     """One worker process: serve on the shared port until SIGTERM (or SIGINT). It sends its
     index once it listens, or the one-line reason it could not start."""
     _configure_logging(settings)
+    supervisor = os.getppid()
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings.fast)) as runner:
             runner.run(
                 serve(settings, lambda _: ready.send(index), worker=index, reuse_port=True,
-                      metrics_dir=metrics_dir, supervisor=os.getppid())
+                      metrics_dir=metrics_dir, supervisor=supervisor)
             )  # fmt: skip
     except (TelemetryError, OSError) as exc:
         ready.send(f"worker {index}: {describe(exc)}")
         sys.exit(1)
     finally:
         ready.close()
+        if os.getppid() != supervisor:  # it was killed: nobody else will remove our metrics
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _loop_factory(fast: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
