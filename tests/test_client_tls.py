@@ -18,7 +18,7 @@ import pytest
 import trustme
 
 from opa_telemetry import RequestTimeoutError, TransportError, check_latest
-from opa_telemetry.offloop import ca_locations
+from opa_telemetry import offloop
 
 from .conftest import AiohttpServer, FakeService
 from .test_client_http import SERVICE_NAME, running_proxy, tls_server
@@ -263,9 +263,9 @@ def test_ca_locations_keep_the_system_roots_next_to_the_named_ones(tmp_path: Pat
     paths = ssl.get_default_verify_paths()
     hashed = str(hashed_directory(tmp_path / "hashed", trustme.CA()))
     plain = plain_directory(tmp_path / "plain", trustme.CA())
-    system = ca_locations("", "")
-    with_dir = ca_locations("", f"{hashed}:{plain}")
-    with_file = ca_locations(str(tmp_path / "ca.pem"), "")
+    system = offloop.ca_locations("", "")
+    with_dir = offloop.ca_locations("", f"{hashed}:{plain}")
+    with_file = offloop.ca_locations(str(tmp_path / "ca.pem"), "")
     if system.directories == [paths.openssl_capath]:  # Debian, Ubuntu, Alpine...
         assert system.file == ""
         assert (with_dir.file, with_dir.directories) == ("", [paths.openssl_capath, hashed])
