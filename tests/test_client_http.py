@@ -401,8 +401,9 @@ async def test_service_error_details_are_kept_and_printed_by_check(
     assert caught.value.details == ("version: must be a string", "id: empty")
     code = await asyncio.to_thread(client_main, ["check", "--url", url])
     assert code == 1
-    assert capsys.readouterr().out == (
-        "Error: service answered HTTP 400: invalid report (version: must be a string; id: empty)\n"
+    assert capsys.readouterr() == (
+        "",
+        "error: service answered HTTP 400: invalid report (version: must be a string; id: empty)\n",
     )
 
 
@@ -412,8 +413,9 @@ async def test_check_words_a_refused_connection_plainly(
     url = f"http://127.0.0.1:{unused_tcp_port}"
     code = await asyncio.to_thread(client_main, ["check", "--url", url])
     assert code == 1
-    assert capsys.readouterr().out == (
-        f"Error: cannot connect to 127.0.0.1:{unused_tcp_port}: connection refused\n"
+    assert capsys.readouterr() == (
+        "",
+        f"error: cannot connect to 127.0.0.1:{unused_tcp_port}: connection refused\n",
     )
 
 

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 import trustme
 
-from opa_telemetry import RequestTimeoutError, TransportError, check_latest
-from opa_telemetry import offloop
+from opa_telemetry import RequestTimeoutError, TransportError, check_latest, offloop
 
 from .conftest import AiohttpServer, FakeService
 from .test_client_http import SERVICE_NAME, running_proxy, tls_server
