@@ -2,7 +2,7 @@
 
 The CLI builds its ``serve`` flags from these fields (flag ``--max-body-bytes`` for field
 ``max_body_bytes``, env var ``OPA_TELEMETRY_SERVER_MAX_BODY_BYTES``), so the two can never
-drift apart. Nothing here reads the environment: only ``cli`` does.
+drift apart. Nothing here reads the environment: only the ``cli`` package does.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ class Settings:
         60.0,
         "seconds serve keeps retrying a PostgreSQL database it cannot reach at start"
         " (0: give up at once)",
+    )
+    db_pool_size: int = _knob(
+        4,
+        "PostgreSQL only: most connections each server process opens (keep nodes x workers x"
+        " this under the database's max_connections)",
     )
     prefix: str = _knob("", "mount path prefix, e.g. /custom serves /custom/v1/version")
     log_level: str = _knob("info", "log level: debug, info, warning, error")
@@ -154,6 +159,7 @@ class Settings:
             "batch_size",
             "retry_after",
             "wal_checkpoint_pages",
+            "db_pool_size",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

@@ -36,21 +36,6 @@ class Parser(argparse.ArgumentParser):
 
 # The settings every command that opens the database reads.
 STORAGE_SETTINGS = ("db", "busy_timeout", "synchronous")
-SYNC_SETTINGS = (
-    "sync_product",
-    "sync_repo",
-    "sync_api_url",
-    "sync_include_prereleases",
-    "sync_prune",
-    "sync_token",
-)
-SYNC_ALIASES = {
-    "--product": "sync_product",
-    "--repo": "sync_repo",
-    "--api-url": "sync_api_url",
-    "--include-prereleases": "sync_include_prereleases",
-    "--prune": "sync_prune",
-}
 GITHUB_TOKEN_ENV = "GITHUB_TOKEN"  # noqa: S105 - the variable's name, not a token
 GITHUB_API = "https://api.github.com"
 

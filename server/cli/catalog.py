@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from opa_telemetry_server.cli.arguments import (
     STORAGE_SETTINGS,
-    SYNC_ALIASES,
-    SYNC_SETTINGS,
     Parser,
     add_product_flag,
     add_settings_flags,
@@ -36,6 +34,24 @@ if TYPE_CHECKING:
     from opa_telemetry_server.services.sync import SyncResult
 
 
+# What `releases sync` reads, and the short spellings of its flags.
+SYNC_SETTINGS = (
+    "sync_product",
+    "sync_repo",
+    "sync_api_url",
+    "sync_include_prereleases",
+    "sync_prune",
+    "sync_token",
+)
+SYNC_ALIASES = {
+    "--product": "sync_product",
+    "--repo": "sync_repo",
+    "--api-url": "sync_api_url",
+    "--include-prereleases": "sync_include_prereleases",
+    "--prune": "sync_prune",
+}
+
+
 def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
     """Add ``releases`` and ``advisories`` to the top-level subcommands."""
     releases = commands.add_parser("releases", help="manage the release catalog")
@@ -44,11 +60,7 @@ def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
     )
 
     def catalog_command(name: str, help: str, run: Callable[[argparse.Namespace], int]) -> Any:
-        command = actions.add_parser(name, help=help, description=help)
-        add_settings_flags(command, environ, STORAGE_SETTINGS)
-        add_product_flag(command)
-        command.set_defaults(run=run)
-        return command
+        return _product_command(actions, environ, name, help, run)
 
     listing = catalog_command("list", "list releases, newest first", _run_releases_list)
     listing.add_argument("--json", action="store_true", help="print JSON")
@@ -136,11 +148,7 @@ def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
     )
 
     def advisory_command(name: str, help: str, run: Callable[[argparse.Namespace], int]) -> Any:
-        command = advisory_actions.add_parser(name, help=help, description=help)
-        add_settings_flags(command, environ, STORAGE_SETTINGS)
-        add_product_flag(command)
-        command.set_defaults(run=run)
-        return command
+        return _product_command(advisory_actions, environ, name, help, run)
 
     advisory_import = advisory_command(
         "import", "add or replace advisories from OSV JSON", _run_advisories_import
@@ -152,6 +160,21 @@ def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
     advisory_list.add_argument("--json", action="store_true", help="print the OSV records")
     advisory_remove = advisory_command("remove", "remove one advisory", _run_advisories_remove)
     advisory_remove.add_argument("id")
+
+
+def _product_command(
+    actions: Any,
+    environ: Mapping[str, str],
+    name: str,
+    help: str,
+    run: Callable[[argparse.Namespace], int],
+) -> Any:
+    """An action of ``releases`` or ``advisories``: the database's settings and ``--product``."""
+    command = actions.add_parser(name, help=help, description=help)
+    add_settings_flags(command, environ, STORAGE_SETTINGS)
+    add_product_flag(command)
+    command.set_defaults(run=run)
+    return command
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:

@@ -145,12 +145,15 @@ async def open_storage(
     message a person can act on.
     """
     if is_postgres_url(settings.db):
-        from opa_telemetry_server.storage.postgres import (
-            PostgresStorage,  # asyncpg only for those who use it
-        )
+        # asyncpg is imported only by those who use it
+        from opa_telemetry_server.storage.postgres import PostgresStorage
 
         return await PostgresStorage.open(
-            settings.db, migrate=migrate, statement_timeout=settings.busy_timeout, wait=wait
+            settings.db,
+            migrate=migrate,
+            statement_timeout=settings.busy_timeout,
+            pool_size=settings.db_pool_size,
+            wait=wait,
         )
     from opa_telemetry_server.storage.sqlite import SqliteStorage, shard_path
 
