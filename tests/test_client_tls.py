@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trustme
 
-from opa_telemetry import RequestTimeoutError, TransportError, check_latest, offloop
+from opa_telemetry import Reporter, RequestTimeoutError, TransportError, check_latest, offloop
 
 from .conftest import AiohttpServer, FakeService
 from .test_client_http import SERVICE_NAME, running_proxy, tls_server
@@ -276,3 +276,30 @@ def test_ca_locations_keep_the_system_roots_next_to_the_named_ones(tmp_path: Pat
     assert with_dir.directory_files == [str(plain / "README"), str(plain / "private-ca.pem")]
     assert with_file.file == str(tmp_path / "ca.pem")
     assert system.directory_files == with_file.directory_files == []
+
+
+async def test_closing_a_reporter_mid_handshake_inside_the_https_proxy_ends_it_at_once(
+    ca_file: str,
+) -> None:
+    """Cancelling the report shuts the outer (proxy's) socket, so the thread's blocked read
+    in the inner handshake returns at once (its deadline is a minute away here)."""
+    accepted, closed = asyncio.Event(), asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # until the proxy passes on the client's end
+        closed.set()
+        writer.close()
+
+    target = await asyncio.start_server(hang, "127.0.0.1", 0)
+    async with target:
+        port = target.sockets[0].getsockname()[1]
+        async with running_proxy(port, tls=proxy_tls()) as proxy:
+            environ = {"HTTPS_PROXY": f"https://127.0.0.1:{proxy.port}", "SSL_CERT_FILE": ca_file}
+            reporter = Reporter(
+                "MyApp", "1.0.0", url=f"https://{SERVICE_NAME}", timeout=60.0, environ=environ
+            )
+            reporter.start()
+            await asyncio.wait_for(accepted.wait(), 10)
+            await reporter.aclose()
+            await asyncio.wait_for(closed.wait(), 10)
