@@ -81,8 +81,9 @@ def run_off_loop(function: Callable[[], T]) -> asyncio.Future[T]:
 
 
 def tls_context(environ: Mapping[str, str], timeout: float) -> ssl.SSLContext:
-    """A verifying client context (hostname checked, TLS 1.2+) that trusts the system's CA
-    certificates, or those named by ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` in ``environ``.
+    """A verifying client context (hostname checked, TLS 1.2+) that trusts the CA certificates
+    OpenSSL and Go would for the ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` in ``environ``
+    (:func:`ca_locations`): the system's when neither is set.
 
     Blocking, for at most ``timeout`` seconds (then TimeoutError): call it off the loop. The
     first call per setting loads the certificates in a low-priority thread.
