@@ -168,10 +168,8 @@ async def fake_service(aiohttp_server: AiohttpServer) -> FakeService:
     return service
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[Any]:
-    """A private PostgreSQL cluster for the whole test session (see ``tests/pgcluster.py``):
-    skipped with the reason where PostgreSQL is missing, a failure where CI requires it."""
+def require_postgres() -> None:
+    """Skip with the reason where PostgreSQL is missing; fail where CI requires it."""
     from . import pgcluster
 
     reason = pgcluster.unavailable_reason()
@@ -179,8 +177,29 @@ def postgres_cluster() -> Iterator[Any]:
         if os.environ.get(pgcluster.REQUIRE_ENV) == "1":
             pytest.fail(f"{pgcluster.REQUIRE_ENV}=1 but {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Any]:
+    """A private PostgreSQL cluster for the whole test session (see ``tests/pgcluster.py``):
+    skipped with the reason where PostgreSQL is missing, a failure where CI requires it."""
+    from . import pgcluster
+
+    require_postgres()
     with pgcluster.running_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture
+def postgres_pair(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A primary and a streaming standby of their own, for one test that fails one over:
+    ``(primary, standby, database name)``. Synchronous replication unless the test is
+    parametrized with ``indirect=True`` and ``False``."""
+    from . import pgcluster
+
+    require_postgres()
+    with pgcluster.running_pair(synchronous=getattr(request, "param", True)) as pair:
+        yield pair
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """A private PostgreSQL cluster for the tests: ``initdb`` and ``pg_ctl`` in a temporary
 directory, listening on a free loopback port and a Unix socket in that directory, removed at
-the end.
+the end. A test of a failover makes a streaming-replication standby of one
+(:func:`running_pair`): ``pg_basebackup -R`` into a directory of its own, its own port and
+socket, synchronous or not, promoted with ``pg_ctl promote``.
 
 PostgreSQL refuses to run as root, so when the tests run as root (as CI does) its binaries run
 as the ``postgres`` system user (``runuser -u postgres --``) over a directory it owns. Where the
@@ -13,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REQUIRE_ENV = "OPA_TELEMETRY_REQUIRE_POSTGRES"
@@ -66,6 +70,7 @@ class Cluster:
     directory: Path
     port: int
     bin: Path
+    settings: dict[str, str] = field(default_factory=dict)  # more ``-c`` options at start
 
     @property
     def data(self) -> Path:
@@ -99,12 +104,18 @@ class Cluster:
         self.run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
 
     def start(self) -> None:
-        options = (
-            f"-c listen_addresses=127.0.0.1 -c port={self.port}"
-            f" -c unix_socket_directories={self.directory}"
-            " -c fsync=off -c full_page_writes=off -c max_connections=200"
-            " -c log_min_messages=warning"
-        )
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": str(self.directory),
+            "fsync": "off",
+            "full_page_writes": "off",
+            "max_connections": "200",
+            "log_min_messages": "warning",
+            **self.settings,
+        }
+        # pg_ctl hands the options to a shell: quote each one.
+        options = " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in settings.items())
         self.run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.directory / "log"), "-o", options,
             "-w", "-t", "60", "start",
@@ -113,6 +124,32 @@ class Cluster:
     def restart(self, mode: str = "fast") -> None:
         self.stop(mode)
         self.start()
+
+    def is_running(self) -> bool:
+        return self.run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
+
+    def promote(self) -> None:
+        """Make this standby a primary (``pg_ctl promote``), waiting until it takes writes."""
+        self.run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "promote")
+
+    def wait_for_standby(self, state: str = "streaming", timeout: float = 60.0) -> None:
+        """Wait until a standby replicates from this primary: ``streaming``, or ``sync`` for
+        one that every commit waits for."""
+        query = {
+            "streaming": "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+            "sync": "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+        }[state]
+        deadline = time.monotonic() + timeout
+        while self.psql(query) in ("", "0"):
+            assert time.monotonic() < deadline, f"no {state} standby after {timeout:.0f}s"
+            time.sleep(0.1)
+
+
+def _own(path: Path) -> None:
+    """Give ``path`` to the user PostgreSQL runs as."""
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        os.chown(path, owner.pw_uid, owner.pw_gid)
 
 
 @contextlib.contextmanager
@@ -124,13 +161,10 @@ def running_cluster() -> Iterator[Cluster]:
     directory = Path(tempfile.mkdtemp(prefix="opa-telemetry-pg-"))
     cluster = Cluster(directory, free_port(), binaries)
     try:
-        if os.geteuid() == 0:
-            owner = pwd.getpwnam("postgres")
-            os.chown(directory, owner.pw_uid, owner.pw_gid)
+        _own(directory)
         password_file = directory / "pw"
         password_file.write_text(PASSWORD + "\n")
-        if os.geteuid() == 0:
-            os.chown(password_file, owner.pw_uid, owner.pw_gid)
+        _own(password_file)
         cluster.run(
             "initdb", "-D", str(cluster.data), "-U", USER, "--pwfile", str(password_file),
             "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync",
@@ -142,3 +176,50 @@ def running_cluster() -> Iterator[Cluster]:
     finally:
         cluster.stop("immediate")
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_standby(primary: Cluster) -> Iterator[Cluster]:
+    """A hot standby of ``primary`` for the duration of the block: ``pg_basebackup -R`` (the
+    bootstrap user may replicate over the local socket: initdb's pg_hba trusts it), then
+    streaming from it. Stopped immediately and removed at the end."""
+    directory = Path(tempfile.mkdtemp(prefix="opa-telemetry-pg-standby-"))
+    standby = Cluster(directory, free_port(), primary.bin)
+    try:
+        _own(directory)
+        primary.run(
+            "pg_basebackup", "-h", str(primary.directory), "-p", str(primary.port), "-U", USER,
+            "-D", str(standby.data), "-R", "-X", "stream", "--checkpoint=fast", "--no-sync",
+        )  # fmt: skip
+        standby.start()
+        primary.wait_for_standby()
+        yield standby
+    finally:
+        standby.stop("immediate")
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_pair(*, synchronous: bool) -> Iterator[tuple[Cluster, Cluster, str]]:
+    """A primary, a streaming standby of it and a database on both: ``(primary, standby,
+    database name)``. With ``synchronous``, every commit on the primary waits until the
+    standby has it (``synchronous_standby_names = '*'``, ``synchronous_commit = on``); the
+    standby's own settings leave it without a standby of its own once promoted."""
+    with running_cluster() as primary:
+        database = primary.create_database().rsplit("/", 1)[1]
+        with running_standby(primary) as standby:
+            if synchronous:
+                # Set on the primary alone, after the base backup copied its configuration.
+                primary.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+                primary.psql("ALTER SYSTEM SET synchronous_commit = on")
+                primary.psql("SELECT pg_reload_conf()")
+                primary.wait_for_standby("sync")
+            yield primary, standby, database
+
+
+def multi_host_dsn(clusters: list[Cluster], database: str, **query: str) -> str:
+    """One DSN naming every cluster's host and port, in order (``host1:port1,host2:port2``),
+    with ``query`` parameters such as ``target_session_attrs``."""
+    hosts = ",".join(f"127.0.0.1:{cluster.port}" for cluster in clusters)
+    params = "&".join(f"{key}={value}" for key, value in query.items())
+    return f"postgresql://{USER}:{PASSWORD}@{hosts}/{database}" + (f"?{params}" if params else "")

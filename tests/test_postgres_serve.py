@@ -192,6 +192,7 @@ async def test_a_server_started_before_its_database_waits_for_it(
     [
         f"postgresql://opa:{PASSWORD}@127.0.0.1:1/telemetry",
         f"postgresql://opa@127.0.0.1:1/telemetry?sslmode=disable&password={PASSWORD}",
+        f"postgresql://opa:{PASSWORD}@127.0.0.1:1,127.0.0.1:2/telemetry",  # a failover pair
     ],
 )
 def test_cli_commands_explain_an_unreachable_database_without_the_password(dsn: str) -> None:

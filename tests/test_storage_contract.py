@@ -366,3 +366,11 @@ def test_a_dsn_is_shown_without_any_password() -> None:
         == "postgresql://u@db/t?sslmode=require&password=***&sslpassword=***"
     )
     assert redact_dsn("postgresql://u@db/t") == "postgresql://u@db/t"
+    # A primary and its standby in one DSN (a failover): every host kept, the password not.
+    assert (
+        redact_dsn("postgresql://u:p%40ss@db1:5432,db2:5433/t?target_session_attrs=read-write")
+        == "postgresql://u:***@db1:5432,db2:5433/t?target_session_attrs=read-write"
+    )
+    assert redact_dsn("postgresql://u@[::1]:5432,db2/t?password=pw") == (
+        "postgresql://u@[::1]:5432,db2/t?password=***"
+    )

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from opa_telemetry_server.cli import main as cli_main
-from opa_telemetry_server.errors import SyncError
+from opa_telemetry_server.errors import SchemaError, SyncError
 from opa_telemetry_server.services.catalog import load_catalog
 from opa_telemetry_server.services.sync import SyncTarget, _sync_once, sync_product, sync_target
 from opa_telemetry_server.storage.sqlite import SqliteStorage
@@ -346,6 +346,25 @@ async def test_the_server_loop_waits_as_long_as_upstream_asked(
         assert await _sync_once(open_storage, target(api, token=TOKEN), client) == 0
         assert len(fake.requests) == 1
     assert "rate limited (429); retry in 120s" in caplog.text and TOKEN not in caplog.text
+
+
+async def test_a_database_that_is_away_costs_the_sync_loop_one_line(
+    github: tuple[FakeGitHub, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, api = github
+
+    async def open_storage() -> SqliteStorage:
+        raise SchemaError("postgresql://opa:***@db:5432/t: cannot connect: connection refused")
+
+    caplog.set_level(logging.WARNING)
+    async with aiohttp.ClientSession() as client:
+        assert await _sync_once(open_storage, target(api), client) == 0
+    [record] = caplog.records
+    assert record.getMessage() == (
+        "release sync of opa: cannot open the database:"
+        " postgresql://opa:***@db:5432/t: cannot connect: connection refused"
+    )
+    assert record.exc_info is None
 
 
 async def test_a_repo_name_with_control_characters_never_reaches_a_header(

@@ -23,7 +23,7 @@ from typing import Any
 from opa_telemetry_server.domain.protocol import DEFAULT_PRODUCT, product_slug
 from opa_telemetry_server.domain.releases import Release
 from opa_telemetry_server.domain.versions import Version, VersionError, parse_version
-from opa_telemetry_server.errors import QueryError
+from opa_telemetry_server.errors import QueryError, TelemetryError
 from opa_telemetry_server.services.catalog import Catalog
 from opa_telemetry_server.storage import AggregateResult, ProductCounts, Storage, Window
 
@@ -405,6 +405,8 @@ class Aggregator:
             try:
                 result = await self.run_once()
                 logger.debug("statistics: %d product-days aggregated", result.days)
+            except TelemetryError as exc:  # the database away (a failover...): one line
+                logger.warning("statistics aggregation failed; will retry: %s", exc)
             except Exception:
                 logger.warning("statistics aggregation failed; will retry", exc_info=True)
             await asyncio.sleep(self._interval)

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
+from opa_telemetry_server.errors import TelemetryError
 from opa_telemetry_server.settings import Settings
 from opa_telemetry_server.storage import RETENTION_RUN_KEY, PurgeResult, open_storage
 
@@ -72,6 +73,8 @@ async def run_retention(settings: Settings) -> None:
             if result.days:
                 logger.info("retention: %d days rolled up, %d raw rows deleted",
                             result.days, result.rows_deleted)  # fmt: skip
+        except TelemetryError as exc:  # the database away (a failover...): one line
+            logger.warning("retention run failed; will retry: %s", exc)
         except Exception:
             logger.warning("retention run failed; will retry", exc_info=True)
         await asyncio.sleep(settings.purge_interval)

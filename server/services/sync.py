@@ -25,7 +25,7 @@ from yarl import URL
 from opa_telemetry_server import __version__
 from opa_telemetry_server.domain.protocol import product_slug
 from opa_telemetry_server.domain.releases import Release, release_from_github
-from opa_telemetry_server.errors import CatalogError, SyncError
+from opa_telemetry_server.errors import CatalogError, SyncError, TelemetryError
 from opa_telemetry_server.settings import Settings
 from opa_telemetry_server.storage import Storage, SyncState
 
@@ -295,6 +295,9 @@ async def _sync_once(
     raises. Returns how long the upstream asked us to wait (0 if it did not)."""
     try:
         storage = await open_storage()
+    except TelemetryError as exc:  # the database away (down, failing over): one line
+        logger.warning("release sync of %s: cannot open the database: %s", target.product, exc)
+        return 0.0
     except Exception:
         logger.warning("release sync of %s: cannot open the database", target.product,
                        exc_info=True)  # fmt: skip
@@ -312,6 +315,8 @@ async def _sync_once(
     except SyncError as exc:
         logger.warning("release sync of %s failed: %s", target.product, exc)
         return float(exc.retry_after or 0)
+    except TelemetryError as exc:  # the database away, a bad catalog entry...: one line
+        logger.warning("release sync of %s failed: %s", target.product, exc)
     except Exception:
         logger.warning("release sync of %s failed", target.product, exc_info=True)
     finally:

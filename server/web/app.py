@@ -16,6 +16,7 @@ from opa_telemetry_server.domain.advisories import bundled_advisories
 from opa_telemetry_server.domain.codec import json_codec
 from opa_telemetry_server.domain.protocol import DEFAULT_PRODUCT
 from opa_telemetry_server.domain.releases import bundled_releases
+from opa_telemetry_server.errors import TelemetryError
 from opa_telemetry_server.services.catalog import CatalogCache
 from opa_telemetry_server.services.ingest import Ingest
 from opa_telemetry_server.services.insights import Aggregator
@@ -181,6 +182,8 @@ async def _databases(
 async def _final_aggregation(aggregator: Aggregator) -> None:
     try:
         await aggregator.run_once()
+    except TelemetryError as exc:  # the database away (a failover...): one line
+        logger.warning("statistics aggregation at shutdown failed: %s", exc)
     except Exception:
         logger.warning("statistics aggregation at shutdown failed", exc_info=True)
 

@@ -10,6 +10,13 @@ nodes upserting the same instances take their row locks in one order and never d
 schema steps run under an advisory lock, so nodes starting together migrate once; retention
 runs on one node at a time (another advisory lock).
 
+Failover: ``--db`` may name several servers, ``postgresql://user@host1:5432,host2:5432/db``;
+each new connection takes the first of them that accepts writes (``target_session_attrs``:
+``read-write`` when several are named and the DSN does not choose). A connection that finds
+its server read-only (a standby, or ``default_transaction_read_only``) expires the whole pool,
+so that every connection is made anew, through the host list, as it comes back; meanwhile
+writes raise :class:`StorageUnavailableError` (a 503 with ``Retry-After``).
+
 The password in a DSN never appears in a log line or an error message: see :func:`redact_dsn`.
 """
 
@@ -23,13 +30,14 @@ import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import date, timedelta
 from types import EllipsisType
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import asyncpg
+from asyncpg.connect_utils import SessionAttribute
 from asyncpg.pool import PoolConnectionProxy
 
 from opa_telemetry_server.domain.advisories import Advisory
@@ -229,14 +237,12 @@ def is_postgres_url(db: str) -> bool:
 
 def redact_dsn(dsn: str) -> str:
     """``dsn`` with every password replaced by ``***``: in the ``user:password@`` part and in
-    the query string (``?password=...``, ``sslpassword``), for logs and errors."""
+    the query string (``?password=...``, ``sslpassword``), for logs and errors. Several hosts
+    (``host1:5432,host2:5432``) are kept as they are."""
     parts = urlsplit(dsn)
-    netloc = parts.netloc
-    if parts.password is not None:
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    netloc = f"{user}:***@{hosts}" if at and colon else parts.netloc
     query = "&".join(
         f"{key}=***" if key.lower() in SECRET_PARAMETERS else f"{key}={value}" if sep else key
         for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
@@ -245,15 +251,39 @@ def redact_dsn(dsn: str) -> str:
 
 
 def _secrets(dsn: str) -> list[str]:
-    """Every password ``dsn`` carries (for scrubbing error messages)."""
+    """Every password ``dsn`` carries, as written and decoded (for scrubbing messages)."""
     parts = urlsplit(dsn)
-    found = [parts.password] if parts.password else []
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    _, colon, password = userinfo.partition(":")
+    found = [password] if at and colon and password else []
     found += [
-        unquote(value)
+        value
         for key, _, value in (item.partition("=") for item in parts.query.split("&"))
         if key.lower() in SECRET_PARAMETERS and value
     ]
-    return found
+    return sorted({*found, *map(unquote, found)}, key=len, reverse=True)
+
+
+def _target_session_attrs(dsn: str) -> SessionAttribute | None:
+    """``read-write`` for a DSN naming several hosts and no ``target_session_attrs``: a node
+    writes, so it must pass over a standby rather than stick to the first host that answers.
+    ``None`` (the DSN's own choice, or asyncpg's default) otherwise."""
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    hosts = [parts.netloc.rpartition("@")[2], *query.get("host", [])]
+    several = any("," in value for value in hosts)
+    chosen = "target_session_attrs" in query
+    return SessionAttribute.read_write if several and not chosen else None
+
+
+@contextlib.contextmanager
+def _faults(action: str) -> Iterator[None]:
+    """Raise the database's being away (down, cut, failing over, read-only) as
+    :class:`StorageUnavailableError`: one line for a background job's log, no traceback."""
+    try:
+        yield
+    except UNAVAILABLE as exc:
+        raise StorageUnavailableError(f"{action}: {_reason(exc)}") from None
 
 
 def _day(text: str) -> date:
@@ -286,31 +316,42 @@ class PostgresStorage:
         While the database cannot be reached, retry every second for up to ``wait`` seconds,
         logging each failure; then raise :class:`SchemaError` (the password never shown).
         """
+        # No floor of open connections (min_size=0): asyncpg would keep one by reconnecting in
+        # the background, logging a traceback per attempt while a failover lasts. Connections
+        # are made when needed and kept while in use (idle ones close after five minutes).
+        pool = await asyncpg.create_pool(
+            dsn,
+            target_session_attrs=_target_session_attrs(dsn),
+            min_size=0,
+            max_size=pool_size,
+            timeout=10,
+            command_timeout=statement_timeout + 5 if statement_timeout else None,
+            server_settings={
+                "statement_timeout": str(int(statement_timeout * 1000)),
+                "application_name": "opa-telemetry",
+            },
+        )
         deadline = time.monotonic() + wait
-        while True:
-            try:
-                pool = await asyncpg.create_pool(
-                    dsn,
-                    min_size=1,
-                    max_size=pool_size,
-                    timeout=10,
-                    command_timeout=statement_timeout + 5 if statement_timeout else None,
-                    server_settings={
-                        "statement_timeout": str(int(statement_timeout * 1000)),
-                        "application_name": "opa-telemetry",
-                    },
-                )
-                break
-            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-                reason = _reason(exc, dsn)
-                if isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidCatalogNameError):
-                    raise SchemaError(f"{redact_dsn(dsn)}: {reason}") from None
-                if time.monotonic() >= deadline:
-                    raise SchemaError(f"{redact_dsn(dsn)}: cannot connect: {reason}") from None
-                logger.warning(
-                    "PostgreSQL at %s is not reachable (%s); retrying", redact_dsn(dsn), reason
-                )
-                await asyncio.sleep(1)
+        try:
+            while True:
+                try:
+                    async with pool.acquire():  # reachable, and it lets us in
+                        break
+                except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+                    reason = _reason(exc, dsn)
+                    if isinstance(
+                        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidCatalogNameError
+                    ):
+                        raise SchemaError(f"{redact_dsn(dsn)}: {reason}") from None
+                    if time.monotonic() >= deadline:
+                        raise SchemaError(f"{redact_dsn(dsn)}: cannot connect: {reason}") from None
+                    logger.warning(
+                        "PostgreSQL at %s is not reachable (%s); retrying", redact_dsn(dsn), reason
+                    )
+                    await asyncio.sleep(1)
+        except BaseException:
+            await pool.close()
+            raise
         storage = cls(pool, dsn)
         try:
             if migrate:
@@ -324,7 +365,24 @@ class PostgresStorage:
 
     def connection(self) -> Any:
         """A connection lent by the pool, as an async context manager (for ``transfer``)."""
-        return self._pool.acquire()
+        return self._acquire()
+
+    @contextlib.asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[Conn]:
+        """A connection lent by the pool. One that finds its server read-only (a standby, a
+        demoted primary, ``default_transaction_read_only``) expires the pool: each connection
+        is closed as it comes back and made anew through the DSN's hosts, so the pool finds
+        the new primary by itself after a failover."""
+        async with self._pool.acquire() as conn:
+            try:
+                yield conn
+            except asyncpg.ReadOnlySQLTransactionError:
+                await self._pool.expire_connections()
+                raise
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        async with self._acquire() as conn:
+            return await conn.execute(sql, *args)
 
     async def close(self) -> None:
         if not self._closed:
@@ -361,7 +419,7 @@ class PostgresStorage:
         rows = [tuple(merged[key]) for key in sorted(merged)]
         counts = sorted(Counter(checks).items())
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with self._acquire() as conn, conn.transaction():
                 if rows:
                     await conn.execute(STAGE_SQL)
                     await conn.copy_records_to_table(
@@ -387,7 +445,11 @@ class PostgresStorage:
 
     async def load_catalog_parts(self) -> CatalogParts:
         """Read every product's releases, policy and advisories (see ``catalog_parts``)."""
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+        with _faults("cannot read the catalog"):
+            return await self._load_catalog_parts()
+
+    async def _load_catalog_parts(self) -> CatalogParts:
+        async with self._acquire() as conn, conn.transaction(readonly=True):
             releases = await conn.fetch(
                 "SELECT id, product, tag, release_notes, assets, published_on::text, prerelease"
                 " FROM releases"
@@ -406,7 +468,7 @@ class PostgresStorage:
         # Untouched fields keep their value: each column is set from $n or left as it is.
         given = [name in changes for name in allowed]
         values = [changes.get(name) for name in allowed]
-        await self._pool.execute(
+        await self._execute(
             """
             INSERT INTO product_policies AS p (product, pinned_tag, min_version,
                                                support_notice, updated_at)
@@ -432,7 +494,7 @@ class PostgresStorage:
     ) -> bool:
         """Yank/unyank a release or set its rollout (``None``: fully rolled out); returns
         whether anything changed; :class:`CatalogError` if ``tag`` is not in the catalog."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             if not await conn.fetchval(
                 "SELECT 1 FROM releases WHERE product = $1 AND tag = $2", product, tag
             ):
@@ -467,7 +529,7 @@ class PostgresStorage:
         With ``seed``, only once per database lifetime."""
         added = updated = 0
         now = int(time.time())
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             if seed:
                 key = f"advisories_seeded:{product}"
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
@@ -493,7 +555,7 @@ class PostgresStorage:
         return added, updated
 
     async def remove_advisory(self, product: str, ident: str) -> bool:
-        status = await self._pool.execute(
+        status = await self._execute(
             "DELETE FROM advisories WHERE product = $1 AND id = $2", product, ident
         )
         return _count(status) > 0
@@ -507,7 +569,7 @@ class PostgresStorage:
         return [SyncState(*row) for row in rows]
 
     async def save_sync_state(self, state: SyncState) -> None:
-        await self._pool.execute(
+        await self._execute(
             """
             INSERT INTO sync_state (product, source, etag, last_attempt_at, last_success_at,
                                     last_error, last_error_at, retry_after_at)
@@ -526,7 +588,7 @@ class PostgresStorage:
     ) -> tuple[int, int, int]:
         """Add and update ``releases`` and, with ``prune``, remove the product's releases not
         among them; one transaction. Returns (added, updated, removed)."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             added, updated = await _import(conn, product, releases, update=True)
             removed = 0
             if prune:
@@ -540,7 +602,7 @@ class PostgresStorage:
     async def seed_catalog(self, product: str, releases: Sequence[Release]) -> int:
         """Import ``releases`` once per database lifetime; 0 when seeded before."""
         key = f"catalog_seeded:{product}"
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             if await conn.fetchval("SELECT 1 FROM meta WHERE key = $1", key):
                 return 0
@@ -553,7 +615,7 @@ class PostgresStorage:
     async def add_release(self, product: str, release: Release, *, replace: bool = False) -> bool:
         """Add one release; ``True`` if new, ``False`` if it replaced one; CatalogError if
         the tag exists and not ``replace``."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             added, _ = await _import(conn, product, [release], update=replace)
             if not (added or replace):
                 raise CatalogError(
@@ -562,11 +624,11 @@ class PostgresStorage:
         return bool(added)
 
     async def import_releases(self, product: str, releases: Sequence[Release]) -> tuple[int, int]:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             return await _import(conn, product, releases, update=True)
 
     async def remove_release(self, product: str, tag: str) -> bool:
-        status = await self._pool.execute(
+        status = await self._execute(
             "DELETE FROM releases WHERE product = $1 AND tag = $2", product, tag
         )
         return _count(status) > 0
@@ -576,9 +638,14 @@ class PostgresStorage:
     async def aggregate(self, *, now: float | None = None, lag: float = 600.0) -> AggregateResult:
         """Rewrite the aggregates of every product-day with rows seen since the watermark,
         then move the watermark to ``now - lag`` (see ``SqliteStorage.aggregate``). One node
-        at a time: a node that finds another at it returns an empty result."""
+        at a time: a node that finds another at it returns an empty result. Raises
+        :class:`StorageUnavailableError` when the database is away."""
         started = time.time() if now is None else now
-        async with self._pool.acquire() as conn:
+        with _faults("cannot aggregate"):
+            return await self._aggregate(started, lag)
+
+    async def _aggregate(self, started: float, lag: float) -> AggregateResult:
+        async with self._acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", AGGREGATE_LOCK):
                 return AggregateResult()
             try:
@@ -587,12 +654,12 @@ class PostgresStorage:
                 await _set_meta(conn, WATERMARK_KEY, int(started - lag))
                 await _set_meta(conn, AGGREGATED_AT_KEY, int(started))
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", AGGREGATE_LOCK)
+                await _unlock(conn, AGGREGATE_LOCK)
         return result
 
     async def window(self, product: str, since: str, until: str) -> Window:
         args = (product, _day(since), _day(until))
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+        async with self._acquire() as conn, conn.transaction(readonly=True):
             results = [
                 [tuple(row) for row in await conn.fetch(sql, *args)]
                 for sql in (
@@ -634,11 +701,11 @@ class PostgresStorage:
         return [(p, v, int(i)) for p, v, i in rows]
 
     async def meta(self, key: str) -> int | None:
-        async with self._pool.acquire() as conn:
+        async with self._acquire() as conn:
             return await _meta(conn, key)
 
     async def set_meta(self, key: str, value: int) -> None:
-        async with self._pool.acquire() as conn:
+        async with self._acquire() as conn:
             await _set_meta(conn, key, value)
 
     @contextlib.asynccontextmanager
@@ -647,13 +714,15 @@ class PostgresStorage:
         else run the block without it (False). The lock goes with its connection, so a node
         that dies mid-job frees it."""
         key = JOB_LOCKS + zlib.crc32(job.encode())
-        async with self._pool.acquire() as conn:
-            mine = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+        async with contextlib.AsyncExitStack() as stack:
+            with _faults(f"cannot take the lock of {job}"):  # not the block's own errors
+                conn = await stack.enter_async_context(self._acquire())
+                mine = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
             try:
                 yield mine
             finally:
                 if mine:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                    await _unlock(conn, key)
 
     # -- retention ---------------------------------------------------------------------------
 
@@ -666,9 +735,14 @@ class PostgresStorage:
     async def roll_up_and_purge(self, before: str) -> PurgeResult:
         """For every UTC day before ``before`` with raw rows, bring its aggregates up to date,
         write its rollups and delete its rows, one transaction per day. One node at a time:
-        a node that finds another at it returns an empty result."""
+        a node that finds another at it returns an empty result. Raises
+        :class:`StorageUnavailableError` when the database is away (the days done stay done)."""
+        with _faults("cannot apply retention"):
+            return await self._roll_up_and_purge(before)
+
+    async def _roll_up_and_purge(self, before: str) -> PurgeResult:
         result = PurgeResult()
-        async with self._pool.acquire() as conn:
+        async with self._acquire() as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
                 logger.info("retention: another node is running it; skipped")
                 return result
@@ -685,7 +759,7 @@ class PostgresStorage:
                     result.rows_deleted += _count(status)
                     result.days += 1
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
+                await _unlock(conn, RETENTION_LOCK)
         return result
 
     # -- schema -------------------------------------------------------------------------------
@@ -702,7 +776,7 @@ class PostgresStorage:
         """Apply the steps this database lacks, each in its own transaction, under an
         advisory lock so that nodes starting together migrate once."""
         target = len(MIGRATIONS)
-        async with self._pool.acquire() as conn:
+        async with self._acquire() as conn:
             for number, statements in enumerate(MIGRATIONS, start=1):
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
@@ -741,6 +815,14 @@ class PostgresStorage:
                 f"{self.path} has schema version {version}, {which} than this version's"
                 f" {target}: {action}"
             )
+
+
+async def _unlock(conn: Conn, key: int) -> None:
+    """Release a session's advisory lock. A connection that died took its locks with it, and
+    one that fails here has them released by the pool's reset: the error that matters is the
+    one the block raised, if any."""
+    with contextlib.suppress(*UNAVAILABLE):
+        await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
 
 async def _meta(conn: Conn, key: str) -> int | None:
