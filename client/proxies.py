@@ -9,8 +9,11 @@
   host names, which match themselves and their subdomains (``example.com`` matches
   ``api.example.com``); names with a leading ``.`` or ``*.`` (subdomains only); any entry but a
   range may end in ``:port``. Case and spaces are ignored; entries that parse as nothing are.
-- A proxy without a scheme is ``http://``; ``user:password@`` becomes ``Proxy-Authorization:
-  Basic``. Requests through an ``https://`` or ``socks5://`` proxy fail with a message.
+- A proxy is ``http://`` (the default without a scheme; port 80 by default) or ``https://``
+  (port 443 by default): the client speaks TLS to the proxy itself, verified with the same CA
+  settings as a target, then sends its request or its ``CONNECT`` inside that session, as Go
+  does. ``user:password@`` becomes ``Proxy-Authorization: Basic``. A ``socks5://`` (or any
+  other) proxy is refused with a message.
 """
 
 from __future__ import annotations
@@ -115,8 +118,10 @@ def parse_proxy(setting: str) -> Proxy:
         scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
     except ValueError:
         raise TransportError(f"invalid proxy address {setting[:100]!r}") from None
-    if scheme != "http":
-        raise TransportError(f"unsupported proxy scheme {scheme!r} (http:// proxies are)")
+    if scheme not in DEFAULT_PORTS:
+        raise TransportError(
+            f"unsupported proxy scheme {scheme!r} (http:// and https:// proxies are)"
+        )
     if not host:
         raise TransportError(f"invalid proxy address {setting[:100]!r}")
     authorization = ""
@@ -124,7 +129,7 @@ def parse_proxy(setting: str) -> Proxy:
         credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         token = binascii.b2a_base64(credentials.encode(), newline=False).decode()
         authorization = f"Basic {token}"
-    return Proxy(scheme, host, port or 80, authorization)
+    return Proxy(scheme, host, port or DEFAULT_PORTS[scheme], authorization)
 
 
 def _first(environ: Mapping[str, str], *names: str) -> str:

@@ -10,7 +10,9 @@ enough to stall a host's loop wherever it runs; everything used here is imported
 
 What it does, as OPA's Go client does: ``http://`` and ``https://`` (certificates verified
 against the system's roots or ``SSL_CERT_FILE``/``SSL_CERT_DIR``); proxies from the
-environment (:mod:`.proxies`; an ``https://`` URL through a ``CONNECT`` tunnel); at most
+environment (:mod:`.proxies`; an ``https://`` URL through a ``CONNECT`` tunnel; an
+``https://`` proxy is spoken to over TLS, verified as a target is, so an ``https://`` URL
+through it is TLS inside TLS, :class:`TunnelledTls`); at most
 :data:`MAX_REDIRECTS` redirects (301/302/303 become a GET, 307/308 repeat the POST); gzip
 answers; ``Retry-After``. Answers are read up to 64 KiB. One deadline bounds the whole
 exchange, in the thread (every socket operation) and on the loop (the await).
@@ -25,7 +27,8 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from .answer import LatestRelease, parse_answer
@@ -52,6 +55,14 @@ MAX_TRAILERS = 32
 
 # (head, body); the body is None when longer than MAX_ANSWER_BYTES.
 Answer = tuple[Head, bytes | None]
+T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    # What a request is written to and its answer read from: a socket, the TLS socket over
+    # it, or TLS inside an https proxy's TLS.
+    Stream: TypeAlias = "socket.socket | TunnelledTls"
 
 
 async def post_report(
@@ -171,20 +182,25 @@ class Exchange:
             sock = self._connect(target.host, target.port, "")
         else:
             sock = self._connect(proxy.host, proxy.port, "proxy ")
+        stream: Stream = sock
         try:
+            if proxy is not None and proxy.scheme == "https":  # TLS to the proxy itself
+                stream = sock = self._start_tls(sock, proxy.host, proxy.host_port, "proxy ")
             if proxy is not None and target.scheme == "https":
                 self._tunnel(sock, target, proxy.host_port, proxy.authorization)
-            elif proxy is not None:  # a plain-HTTP proxy takes the absolute URL
+            elif proxy is not None:  # an HTTP request to a proxy names the absolute URL
                 request_target = f"http://{target.authority}{target.path}"
                 if proxy.authorization:
                     extra.append(("Proxy-Authorization", proxy.authorization))
-            if target.scheme == "https":
-                sock = self._start_tls(sock, target)
+            if target.scheme == "https" and isinstance(sock, ssl.SSLSocket):  # https proxy
+                stream = self._start_inner_tls(sock, target)
+            elif target.scheme == "https":
+                stream = self._start_tls(sock, target.host, target.host_port, "")
             request = request_bytes(method, request_target, target.authority, headers + extra, body)
             try:
-                self._settimeout(sock)
-                sock.sendall(request)
-                return _read_answer(Reader(sock, self), method)
+                self._settimeout(stream)
+                stream.sendall(request)
+                return _read_answer(Reader(stream, self), method)
             except (OSError, EOFError) as exc:
                 self._check_time(exc)
                 raise TransportError(
@@ -192,7 +208,7 @@ class Exchange:
                 ) from None
         finally:
             self._socket = None
-            sock.close()
+            stream.close()
 
     def _connect(self, host: str, port: int, what: str) -> socket.socket:
         if self._aborted:
@@ -237,18 +253,35 @@ class Exchange:
                 f"proxy {proxy} refused the tunnel to {target.host_port}: HTTP {head.status}"
             )
 
-    def _start_tls(self, sock: socket.socket, target: Target) -> socket.socket:
+    def _start_tls(
+        self, sock: socket.socket, host: str, host_port: str, what: str
+    ) -> ssl.SSLSocket:
+        """TLS to ``host`` (the target, or an https proxy) over ``sock``, its certificate
+        verified."""
         try:
             context = tls_context(self.environ, self.deadline - time.monotonic())
             self._settimeout(sock)
-            tls = context.wrap_socket(sock, server_hostname=target.host)
+            tls = context.wrap_socket(sock, server_hostname=host)
         except OSError as exc:
-            self._check_time(exc)
-            raise TransportError(f"cannot connect to {target.host_port}: {_reason(exc)}") from None
+            raise self._tls_failure(exc, f"{what}{host_port}") from None
         self._socket = tls
         return tls
 
-    def _settimeout(self, sock: socket.socket) -> None:
+    def _start_inner_tls(self, outer: ssl.SSLSocket, target: Target) -> TunnelledTls:
+        """TLS to the target inside the https proxy's TLS session ``outer``, after CONNECT."""
+        try:
+            context = tls_context(self.environ, self.deadline - time.monotonic())
+            inner = TunnelledTls(outer, context, target.host, self._settimeout)
+            inner.do_handshake()
+        except OSError as exc:
+            raise self._tls_failure(exc, target.host_port) from None
+        return inner  # self._socket stays the outer socket: abort() shuts that
+
+    def _tls_failure(self, exc: OSError, peer: str) -> TransportError:
+        self._check_time(exc)
+        return TransportError(f"cannot connect to {peer}: {_reason(exc)}")
+
+    def _settimeout(self, sock: Stream) -> None:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0 or self._aborted:
             raise TimeoutError("deadline passed")
@@ -260,10 +293,73 @@ class Exchange:
             raise TimeoutError("deadline passed") from None
 
 
+class TunnelledTls:
+    """A TLS session inside another one: to the target, through an ``https://`` proxy's
+    ``CONNECT`` tunnel. ``wrap_socket`` cannot wrap a TLS socket, so the inner session is an
+    :class:`ssl.SSLObject` on memory buffers, whose records this class carries over the outer
+    (proxy's) TLS socket. Blocking, with a socket's ``sendall``/``recv``; ``arm`` sets the
+    outer socket's timeout to what is left of the exchange's deadline before each use."""
+
+    def __init__(
+        self,
+        outer: ssl.SSLSocket,
+        context: ssl.SSLContext,
+        hostname: str,
+        arm: Callable[[socket.socket], None],
+    ) -> None:
+        self.outer = outer
+        self.arm = arm
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=hostname)
+
+    def do_handshake(self) -> None:
+        self._run(self.tls.do_handshake)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._run(self.tls.write, view) :]
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return self._run(self.tls.read, size)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""  # the end, with or without close_notify, as an SSLSocket reads it
+
+    def settimeout(self, value: float | None) -> None:
+        self.outer.settimeout(value)
+
+    def close(self) -> None:
+        self.outer.close()
+
+    def _run(self, operation: Callable[..., T], *args: object) -> T:
+        """``operation`` on the inner session, feeding it the outer socket's bytes until it
+        has what it needs, and sending what it wrote."""
+        while True:
+            try:
+                result = operation(*args)
+            except ssl.SSLWantReadError:
+                self._flush()
+                self.arm(self.outer)
+                if data := self.outer.recv(65536):
+                    self.incoming.write(data)
+                else:
+                    self.incoming.write_eof()
+                continue
+            self._flush()
+            return result
+
+    def _flush(self) -> None:
+        if self.outgoing.pending:
+            self.arm(self.outer)
+            self.outer.sendall(self.outgoing.read())
+
+
 class Reader:
     """Buffered reads from a blocking socket, each bounded by the exchange's deadline."""
 
-    def __init__(self, sock: socket.socket, exchange: Exchange) -> None:
+    def __init__(self, sock: Stream, exchange: Exchange) -> None:
         self.sock = sock
         self.exchange = exchange
         self.buffer = bytearray()

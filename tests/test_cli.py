@@ -187,8 +187,8 @@ def test_client_check_prints_error_and_exits_1_when_unreachable(
     unused_tcp_port: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = client_main(["check", "--url", f"http://127.0.0.1:{unused_tcp_port}", "--timeout", "2"])
-    out = capsys.readouterr().out
-    assert code == 1 and out.startswith("Error: ")
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "" and err.startswith("error: cannot connect to ")
 
 
 def test_client_report_dry_run_prints_and_sends_nothing(

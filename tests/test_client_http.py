@@ -140,11 +140,13 @@ async def test_reporter_reports_over_https_with_ssl_cert_file_from_the_environme
 class FakeProxy:
     """An HTTP proxy on 127.0.0.1 that sends everything to ``upstream_port`` on 127.0.0.1,
     whatever host the request names (so no name is ever resolved). It records each request
-    line and its headers; ``refuse`` answers 403 to everything."""
+    line and its headers, and the first bytes the client sent through each tunnel;
+    ``refuse`` answers 403 to everything. Served over TLS, it is an ``https://`` proxy."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.tunnelled: list[bytes] = []
         self.refuse = False
         self.port = 0
         self.handlers: set[asyncio.Task[Any]] = set()
@@ -166,6 +168,9 @@ class FakeProxy:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
             if method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                first = await reader.read(65536)
+                self.tunnelled.append(first)
+                up_writer.write(first)
             else:  # absolute-form -> origin-form for the server
                 path = "/" + target.split("://", 1)[1].split("/", 1)[1]
                 up_writer.write(
@@ -190,13 +195,18 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         pass
     finally:
         with contextlib.suppress(OSError):
-            writer.write_eof()
+            if writer.can_write_eof():
+                writer.write_eof()
+            else:  # TLS cannot half-close: the whole connection ends
+                writer.close()
 
 
 @contextlib.asynccontextmanager
-async def running_proxy(upstream_port: int) -> AsyncIterator[FakeProxy]:
+async def running_proxy(
+    upstream_port: int, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[FakeProxy]:
     proxy = FakeProxy(upstream_port)
-    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0, ssl=tls)
     proxy.port = server.sockets[0].getsockname()[1]
     async with server:
         yield proxy
@@ -307,12 +317,15 @@ def test_proxy_settings_are_read_as_go_reads_them() -> None:
     assert proxy_for("http", "example.com", 80, {**env, "NO_PROXY": "example.com"}) is None
     assert proxy_for("https", "example.com", 443, {"HTTP_PROXY": "p:1"}) is None
     assert parse_proxy("p").port == 80
-    with pytest.raises(TransportError, match="unsupported proxy scheme 'https'"):
-        parse_proxy("https://p")
+    assert parse_proxy("HTTPS://u:p@p") == Proxy("https", "p", 443, "Basic dTpw")  # u:p
+    assert parse_proxy("https://p:3129").port == 3129
     with pytest.raises(TransportError, match="CGI"):
         proxy_for("http", "example.com", 80, {"HTTP_PROXY": "p:1", "REQUEST_METHOD": "GET"})
-    with pytest.raises(TransportError, match="unsupported proxy scheme 'socks5'"):
+    with pytest.raises(TransportError) as caught:
         parse_proxy("socks5://p:1080")
+    assert str(caught.value) == (
+        "unsupported proxy scheme 'socks5' (http:// and https:// proxies are)"
+    )
 
 
 # --- redirects, codings, framing -----------------------------------------------------------
@@ -388,8 +401,9 @@ async def test_service_error_details_are_kept_and_printed_by_check(
     assert caught.value.details == ("version: must be a string", "id: empty")
     code = await asyncio.to_thread(client_main, ["check", "--url", url])
     assert code == 1
-    assert capsys.readouterr().out == (
-        "Error: service answered HTTP 400: invalid report (version: must be a string; id: empty)\n"
+    assert capsys.readouterr() == (
+        "",
+        "error: service answered HTTP 400: invalid report (version: must be a string; id: empty)\n",
     )
 
 
@@ -399,8 +413,9 @@ async def test_check_words_a_refused_connection_plainly(
     url = f"http://127.0.0.1:{unused_tcp_port}"
     code = await asyncio.to_thread(client_main, ["check", "--url", url])
     assert code == 1
-    assert capsys.readouterr().out == (
-        f"Error: cannot connect to 127.0.0.1:{unused_tcp_port}: connection refused\n"
+    assert capsys.readouterr() == (
+        "",
+        f"error: cannot connect to 127.0.0.1:{unused_tcp_port}: connection refused\n",
     )
 
 
