@@ -43,8 +43,8 @@ class Settings:
     )
     db_pool_size: int = _knob(
         4,
-        "PostgreSQL only: most connections each server process opens (keep nodes x workers x"
-        " this under the database's max_connections)",
+        "PostgreSQL only: most connections of each of a server process's pools (reports and"
+        " catalog, statistics reads; see the README for the total per node); at least 2",
     )
     prefix: str = _knob("", "mount path prefix, e.g. /custom serves /custom/v1/version")
     log_level: str = _knob("info", "log level: debug, info, warning, error")
@@ -159,10 +159,13 @@ class Settings:
             "batch_size",
             "retry_after",
             "wal_checkpoint_pages",
-            "db_pool_size",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.db_pool_size < 2:
+            # Sync and retention each hold a connection for their advisory lock and write
+            # through another: with one, they would wait for themselves forever.
+            problems.append("db_pool_size must be at least 2")
         if self.db_connect_wait < 0:
             problems.append("db_connect_wait must be >= 0")
         for name in ("catalog_refresh", "shutdown_timeout", "busy_timeout", "read_timeout"):

@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 
 from opa_telemetry_server.cli import main
+from opa_telemetry_server.services.retention import purge_expired
 from opa_telemetry_server.settings import Settings
-from opa_telemetry_server.storage import open_storage
+from opa_telemetry_server.storage import SyncState, open_storage
 
+from .conftest import INSTANCE_ID
 from .pgcluster import PASSWORD
+from .test_storage_contract import report
 
 ADVISORIES = Path(__file__).resolve().parents[1] / "server" / "data" / "opa-advisories.osv.json"
 
@@ -86,7 +89,7 @@ def test_the_data_commands(
     assert not (tmp_path / "copy").exists()
 
 
-async def test_a_process_opens_at_most_db_pool_size_connections(
+async def test_a_pool_opens_at_most_db_pool_size_connections(
     postgres_cluster: Any, postgres_dsn: str
 ) -> None:
     database = postgres_dsn.rsplit("/", 1)[1]
@@ -100,5 +103,22 @@ async def test_a_process_opens_at_most_db_pool_size_connections(
         assert int(connections) == 2
     finally:
         await storage.close()
-    with pytest.raises(ValueError, match="db_pool_size must be at least 1"):
-        Settings(db=postgres_dsn, db_pool_size=0)
+
+
+async def test_the_smallest_pool_holds_a_job_lock_and_writes_beside_it(postgres_dsn: str) -> None:
+    # Sync holds its advisory lock's connection while it writes through another, and
+    # retention its lock's while it aggregates: a pool of one would wait for itself forever.
+    with pytest.raises(ValueError, match="db_pool_size must be at least 2"):
+        Settings(db=postgres_dsn, db_pool_size=1)
+    settings = Settings(db=postgres_dsn, db_pool_size=2, retention_days=1)
+    storage = await open_storage(settings, migrate=True)
+    try:
+        await storage.write_batch([report(INSTANCE_ID)], [], now=86_400.0)  # 1970-01-02
+        async with asyncio.timeout(60):  # a hang guard
+            async with storage.exclusive("sync:opa") as mine:
+                assert mine
+                await storage.save_sync_state(SyncState("opa", "test"))
+            purged = await purge_expired(settings)
+    finally:
+        await storage.close()
+    assert (purged.days, purged.rows_deleted) == (1, 1)
