@@ -24,7 +24,7 @@ ALLOWED = {
     "settings": {"domain"},
     "errors": set(),
 }
-SHARED = {"", "errors", "settings", "data", "static"}  # the package's root, the common modules
+SHARED = {"", "__version__", "errors", "settings", "data", "static"}  # the root, common modules
 
 
 def layer_of(module: str) -> str:
@@ -44,6 +44,8 @@ def imported(path: Path) -> list[tuple[int, str]]:
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{path}:{node.lineno}: relative import"
             names = [node.module or ""]
+            if node.module == PACKAGE:  # ``from opa_telemetry_server import web`` names a layer
+                names = [f"{PACKAGE}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         else:
@@ -56,9 +58,9 @@ def imported(path: Path) -> list[tuple[int, str]]:
 def test_a_module_imports_only_its_layer_and_those_below(path: Path) -> None:
     relative = path.relative_to(SERVER).with_suffix("")
     own = relative.parts[0] if len(relative.parts) > 1 else relative.name
-    if own == "__init__":
-        own = ""  # the package root: __version__ and the entry point's lazy import of cli
-    allowed = ALLOWED.get(own, set(ALLOWED))
+    # The package root holds __version__ and the entry point's lazy import of cli; a new
+    # module at the root has no place here until it is given one.
+    allowed = set(ALLOWED) if own == "__init__" else ALLOWED[own]
     wrong = [
         f"{path.relative_to(SERVER)}:{line} imports {name}"
         for line, name in imported(path)
