@@ -137,6 +137,32 @@ async def test_an_https_proxy_with_a_certificate_not_trusted_gets_nothing(
     assert proxy.requests == []
 
 
+@pytest.mark.parametrize(
+    ("issuer", "name", "reason"),
+    [
+        (trustme.CA(), SERVICE_NAME, "unable to get local issuer certificate"),
+        (CA, "someone-else.example", "Hostname mismatch"),
+    ],
+    ids=["unknown-ca", "wrong-name"],
+)
+async def test_a_target_not_trusted_behind_a_trusted_https_proxy_gets_nothing(
+    aiohttp_server: AiohttpServer, ca_file: str, issuer: trustme.CA, name: str, reason: str
+) -> None:
+    """The inner TLS, to the target through the proxy's TLS, is verified as the outer one is:
+    a target whose certificate fails is sent no request."""
+    seen: list[Any] = []
+    port = await tls_server(aiohttp_server, issuer, seen, name)
+    async with running_proxy(port, tls=proxy_tls()) as proxy:
+        environ = {"HTTPS_PROXY": f"https://127.0.0.1:{proxy.port}", "SSL_CERT_FILE": ca_file}
+        with pytest.raises(TransportError) as caught:
+            await check_latest("MyApp", "1.0.0", url=f"https://{SERVICE_NAME}", environ=environ)
+    assert str(caught.value).startswith(
+        f"cannot connect to {SERVICE_NAME}:443: TLS certificate not trusted: "
+    )
+    assert reason in str(caught.value)
+    assert seen == []
+
+
 async def test_one_deadline_bounds_a_target_that_hangs_inside_the_https_proxy(
     ca_file: str,
 ) -> None:
