@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,10 @@ import asyncpg
 import pytest
 
 from opa_telemetry.loadtest import LoadConfig, parse_target, run_load
+from opa_telemetry_server.errors import StorageUnavailableError
+from opa_telemetry_server.services.retention import purge_expired
+from opa_telemetry_server.settings import Settings
+from opa_telemetry_server.storage import RETENTION_RUN_KEY, SyncState, open_storage
 from opa_telemetry_server.storage.records import AGGREGATED_AT_KEY
 
 from .conftest import INSTANCE_ID, OPA_UA, report_body
@@ -215,3 +220,29 @@ async def test_what_a_failover_to_a_standby_that_was_away_loses(postgres_pair: A
         assert acknowledged == 0 and stored == 0, (statuses, stored)
     else:
         assert acknowledged == len(ids) and stored == 0, (statuses, stored)  # all five lost
+
+
+async def test_every_write_of_the_background_jobs_meets_a_read_only_database_as_unavailable(
+    postgres_cluster: Any, postgres_dsn: str
+) -> None:
+    # What sync and retention write, as well as reports: StorageUnavailableError (a 503, one
+    # log line), never the driver's own exception with a traceback in the job's log.
+    settings = Settings(db=postgres_dsn, retention_days=1)
+    await (await open_storage(settings, migrate=True)).close()
+    database = postgres_dsn.rsplit("/", 1)[1]
+    postgres_cluster.psql(f"ALTER DATABASE {database} SET default_transaction_read_only = on")
+    storage = await open_storage(settings, migrate=False)
+    try:
+        writes: list[Callable[[], Awaitable[object]]] = [
+            lambda: storage.set_meta(RETENTION_RUN_KEY, 1),
+            lambda: storage.save_sync_state(SyncState("opa", "test")),
+            lambda: storage.sync_releases("opa", [], prune=True),
+            lambda: storage.remove_release("opa", "v1.0.0"),
+            lambda: storage.write_batch([], ["opa"], now=0.0),
+            lambda: purge_expired(settings),
+        ]
+        for write in writes:
+            with pytest.raises(StorageUnavailableError, match="read-only transaction"):
+                await write()
+    finally:
+        await storage.close()

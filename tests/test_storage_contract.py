@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import dataclasses
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -374,3 +375,40 @@ def test_a_dsn_is_shown_without_any_password() -> None:
     assert redact_dsn("postgresql://u@[::1]:5432,db2/t?password=pw") == (
         "postgresql://u@[::1]:5432,db2/t?password=***"
     )
+    # A password not percent-encoded, whose # / ? would end the URL's authority: hidden whole.
+    for password in ("s3cret#pw", "s3cret/pw", "s3cret?pw", "p@ss:w#rd"):
+        assert redact_dsn(f"postgresql://u:{password}@db:5432/t?sslmode=require") == (
+            "postgresql://u:***@db:5432/t?sslmode=require"
+        )
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://u:s3cret#pw@127.0.0.1:1/t",  # the driver would read "s3cret" as a port
+        "postgresql://u:s3cret/pw@127.0.0.1:1/t",
+        "postgresql://u:s3cret?pw@127.0.0.1:1/t",  # ...or "pw@127.0.0.1:1/t" as its query
+        "postgresql://u:s3c[ret@127.0.0.1:1/t",
+        "postgresql://u:s3cretpw@127.0.0.1:port/t",
+    ],
+)
+async def test_a_url_the_driver_cannot_read_is_refused_without_a_piece_of_its_password(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(SchemaError) as raised:
+        await PostgresStorage.open(dsn, wait=30)  # not retried: it would never do
+    message = str(raised.value)
+    assert message.startswith("postgresql://u:***@") and "not a valid PostgreSQL URL" in message
+    assert not {"s3c", "cret", "pw"} & set(re.findall(r"\w+", message)), message
+    assert caplog.text == ""
+
+
+async def test_a_bad_setting_in_the_url_is_one_line_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with pytest.raises(SchemaError) as raised:
+        await PostgresStorage.open("postgresql://u:pw@127.0.0.1:1/t?sslmode=bogus", wait=30)
+    assert str(raised.value).startswith(
+        "postgresql://u:***@127.0.0.1:1/t?sslmode=bogus: `sslmode` parameter must be one of:"
+    )
+    assert "not reachable" not in caplog.text  # a setting is not retried

@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import time
 import zlib
 from collections import Counter
@@ -34,7 +35,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import date, timedelta
 from types import EllipsisType
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote
 
 import asyncpg
 from asyncpg.connect_utils import SessionAttribute
@@ -238,28 +239,50 @@ def is_postgres_url(db: str) -> bool:
 def redact_dsn(dsn: str) -> str:
     """``dsn`` with every password replaced by ``***``: in the ``user:password@`` part and in
     the query string (``?password=...``, ``sslpassword``), for logs and errors. Several hosts
-    (``host1:5432,host2:5432``) are kept as they are."""
-    parts = urlsplit(dsn)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    netloc = f"{user}:***@{hosts}" if at and colon else parts.netloc
+    (``host1:5432,host2:5432``) are kept as they are. A password written without
+    percent-encoding (a ``#``, ``/`` or ``?`` in it) is hidden whole too (see
+    :func:`_split_password`)."""
+    head, password, tail = _split_password(dsn)
+    base, question, query = (dsn if password is None else f"{head}***{tail}").partition("?")
     query = "&".join(
         f"{key}=***" if key.lower() in SECRET_PARAMETERS else f"{key}={value}" if sep else key
-        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+        for key, sep, value in (item.partition("=") for item in query.split("&") if item)
     )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    return f"{base}{question}{query}"
+
+
+def _split_password(dsn: str) -> tuple[str, str | None, str]:
+    """``dsn`` as (what comes before its ``user:password@`` part's password, the password,
+    what follows it); the password is ``None`` when there is none. Read on the text, not as
+    URL parsing reads it: the password runs from the first ``:`` after ``//`` to the last
+    ``@``, so that one with an unencoded ``#``, ``/`` or ``?`` (which ends a URL's authority)
+    is found whole. A ``@`` in the query string of a DSN without a password hides more than
+    the password, never less."""
+    scheme, sep, rest = dsn.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not (at and colon):
+        return dsn, None, ""
+    return f"{scheme}{sep}{user}:", password, f"@{hosts}"
 
 
 def _secrets(dsn: str) -> list[str]:
-    """Every password ``dsn`` carries, as written and decoded (for scrubbing messages)."""
-    parts = urlsplit(dsn)
-    userinfo, at, _ = parts.netloc.rpartition("@")
-    _, colon, password = userinfo.partition(":")
-    found = [password] if at and colon and password else []
+    """Every password ``dsn`` carries, as written and decoded, and the pieces of 3 characters
+    or more of one that URL parsing would cut at ``#``, ``/``, ``?`` or ``:`` (a driver's
+    message may quote such a piece as a port or a host); for scrubbing messages."""
+    _, password, tail = _split_password(dsn)
+    found = [password] if password else []
+    query = (dsn if password is None else tail).partition("?")[2]
     found += [
         value
-        for key, _, value in (item.partition("=") for item in parts.query.split("&"))
+        for key, _, value in (item.partition("=") for item in query.split("&"))
         if key.lower() in SECRET_PARAMETERS and value
+    ]
+    found += [
+        piece
+        for secret in list(found)
+        for piece in re.split(r"[#/?:@\[\]]", secret)
+        if len(piece) >= 3
     ]
     return sorted({*found, *map(unquote, found)}, key=len, reverse=True)
 
@@ -268,9 +291,11 @@ def _target_session_attrs(dsn: str) -> SessionAttribute | None:
     """``read-write`` for a DSN naming several hosts and no ``target_session_attrs``: a node
     writes, so it must pass over a standby rather than stick to the first host that answers.
     ``None`` (the DSN's own choice, or asyncpg's default) otherwise."""
-    parts = urlsplit(dsn)
-    query = parse_qs(parts.query)
-    hosts = [parts.netloc.rpartition("@")[2], *query.get("host", [])]
+    _, password, tail = _split_password(dsn)  # never raises, unlike urlsplit
+    rest = dsn.partition("://")[2] if password is None else tail
+    authority, _, options = rest.partition("?")
+    query = parse_qs(options)
+    hosts = [authority.partition("/")[0], *query.get("host", [])]
     several = any("," in value for value in hosts)
     chosen = "target_session_attrs" in query
     return SessionAttribute.read_write if several and not chosen else None
@@ -337,6 +362,13 @@ class PostgresStorage:
                 try:
                     async with pool.acquire():  # reachable, and it lets us in
                         break
+                except asyncpg.ClientConfigurationError as exc:  # a setting: no use retrying
+                    raise SchemaError(f"{redact_dsn(dsn)}: {_reason(exc, dsn)}") from None
+                except ValueError:  # its text may quote a piece of the password: not shown
+                    raise SchemaError(
+                        f"{redact_dsn(dsn)}: not a valid PostgreSQL URL (percent-encode any"
+                        " of : / ? # @ [ ] in the password: # as %23, / as %2F...)"
+                    ) from None
                 except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
                     reason = _reason(exc, dsn)
                     if isinstance(
@@ -381,8 +413,9 @@ class PostgresStorage:
                 raise
 
     async def _execute(self, sql: str, *args: Any) -> str:
-        async with self._acquire() as conn:
-            return await conn.execute(sql, *args)
+        with _faults("cannot write to the database"):
+            async with self._acquire() as conn:
+                return await conn.execute(sql, *args)
 
     async def close(self) -> None:
         if not self._closed:
@@ -391,10 +424,7 @@ class PostgresStorage:
 
     async def ping(self) -> None:
         """Raise :class:`StorageUnavailableError` unless the database answers a query."""
-        try:
-            await self._pool.fetchval("SELECT value FROM meta WHERE key = 'catalog_generation'")
-        except UNAVAILABLE as exc:
-            raise StorageUnavailableError(f"database does not answer: {exc}") from None
+        await self.catalog_generation()
 
     async def schema_version(self) -> int:
         return await self._schema_version(self._pool)
@@ -418,7 +448,7 @@ class PostgresStorage:
             ]  # fmt: skip
         rows = [tuple(merged[key]) for key in sorted(merged)]
         counts = sorted(Counter(checks).items())
-        try:
+        with _faults("could not commit"):
             async with self._acquire() as conn, conn.transaction():
                 if rows:
                     await conn.execute(STAGE_SQL)
@@ -429,18 +459,14 @@ class PostgresStorage:
                 if counts:
                     products, numbers = zip(*counts, strict=True)
                     await conn.execute(COUNT_CHECKS_SQL, day, list(products), list(numbers))
-        except UNAVAILABLE as exc:
-            raise StorageUnavailableError(f"could not commit: {_reason(exc)}") from None
 
     # -- the release catalog ----------------------------------------------------------------
 
     async def catalog_generation(self) -> int:
-        try:
+        with _faults("database does not answer"):
             value = await self._pool.fetchval(
                 "SELECT value FROM meta WHERE key = 'catalog_generation'"
             )
-        except UNAVAILABLE as exc:
-            raise StorageUnavailableError(f"database does not answer: {_reason(exc)}") from None
         return int(value or 0)
 
     async def load_catalog_parts(self) -> CatalogParts:
@@ -561,7 +587,8 @@ class PostgresStorage:
         return _count(status) > 0
 
     async def sync_state(self, product: str) -> SyncState | None:
-        row = await self._pool.fetchrow(SELECT_SYNC_STATE_SQL + " WHERE product = $1", product)
+        with _faults("cannot read the sync state"):
+            row = await self._pool.fetchrow(SELECT_SYNC_STATE_SQL + " WHERE product = $1", product)
         return SyncState(*row) if row else None
 
     async def sync_states(self) -> list[SyncState]:
@@ -588,15 +615,16 @@ class PostgresStorage:
     ) -> tuple[int, int, int]:
         """Add and update ``releases`` and, with ``prune``, remove the product's releases not
         among them; one transaction. Returns (added, updated, removed)."""
-        async with self._acquire() as conn, conn.transaction():
-            added, updated = await _import(conn, product, releases, update=True)
-            removed = 0
-            if prune:
-                status = await conn.execute(
-                    "DELETE FROM releases WHERE product = $1 AND NOT (tag = ANY($2::text[]))",
-                    product, [r.tag for r in releases],
-                )  # fmt: skip
-                removed = _count(status)
+        with _faults("cannot store the releases"):
+            async with self._acquire() as conn, conn.transaction():
+                added, updated = await _import(conn, product, releases, update=True)
+                removed = 0
+                if prune:
+                    status = await conn.execute(
+                        "DELETE FROM releases WHERE product = $1 AND NOT (tag = ANY($2::text[]))",
+                        product, [r.tag for r in releases],
+                    )  # fmt: skip
+                    removed = _count(status)
         return added, updated, removed
 
     async def seed_catalog(self, product: str, releases: Sequence[Release]) -> int:
@@ -701,12 +729,14 @@ class PostgresStorage:
         return [(p, v, int(i)) for p, v, i in rows]
 
     async def meta(self, key: str) -> int | None:
-        async with self._acquire() as conn:
-            return await _meta(conn, key)
+        with _faults(f"cannot read {key}"):
+            async with self._acquire() as conn:
+                return await _meta(conn, key)
 
     async def set_meta(self, key: str, value: int) -> None:
-        async with self._acquire() as conn:
-            await _set_meta(conn, key, value)
+        with _faults(f"cannot save {key}"):
+            async with self._acquire() as conn:
+                await _set_meta(conn, key, value)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, job: str) -> AsyncIterator[bool]:
