@@ -217,6 +217,8 @@ class Exchange:
             addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise TransportError(f"cannot resolve {what}{host}: {_reason(exc)}") from None
+        except UnicodeError:  # IDNA refuses it: an empty label, or one over 63 characters
+            raise TransportError(f"cannot resolve {what}{host[:100]}: not a host name") from None
         error: OSError | None = None
         for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)

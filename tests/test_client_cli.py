@@ -88,6 +88,13 @@ async def test_an_unreachable_service_is_one_line_on_stderr_and_exit_1(
         )
 
 
+async def test_a_host_name_no_resolver_takes_is_one_line_on_stderr_and_exit_1() -> None:
+    label = "a" * 64  # one over DNS's limit: Python's IDNA codec raises before any lookup
+    code, out, err = await run_cli("check", "--url", f"http://{label}.example")
+    assert (code, out) == (1, b"")
+    assert err == f"error: cannot resolve {label}.example: not a host name\n".encode()
+
+
 async def test_a_timeout_is_one_line_on_stderr_and_exit_1(fake_service: FakeService) -> None:
     fake_service.mode = "hang"
     code, out, err = await run_cli("check", "--url", fake_service.url, "--timeout", "0.3")
