@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import trustme
 
+from opa_telemetry_server.errors import SchemaError
 from opa_telemetry_server.settings import Settings
 from opa_telemetry_server.storage import open_storage
 
@@ -111,3 +112,17 @@ def test_every_command_takes_the_same_tls_url(
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "certificate verify failed" in done.stderr
     assert PASSWORD not in done.stderr and "***" in done.stderr, done.stderr
+
+
+async def test_a_certificate_not_trusted_is_not_waited_for(
+    tls_cluster: tuple[Any, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server started before its database retries an unreachable one for
+    ``--db-connect-wait`` seconds; a certificate from another CA will not change meanwhile."""
+    cluster, _ = tls_cluster
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    url = f"{cluster.create_database()}?sslmode=verify-full&sslrootcert={other}"
+    with pytest.raises(SchemaError, match="certificate verify failed"):
+        await open_storage(Settings(db=url), migrate=True, wait=60)
+    assert "not reachable" not in caplog.text

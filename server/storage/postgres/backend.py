@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import re
+import ssl
 import time
 import zlib
 from collections import Counter
@@ -230,6 +231,14 @@ UNAVAILABLE = (
     asyncpg.exceptions.InternalClientError,  # a connection cut mid-operation, seen by the pool
 )
 
+# What a server starting before its database is not kept waiting for: a wrong password or
+# database name, a certificate that is not trusted (sslmode=verify-ca, verify-full).
+FATAL_AT_START = (
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidCatalogNameError,
+    ssl.SSLCertVerificationError,
+)
+
 
 def is_postgres_url(db: str) -> bool:
     """Whether ``--db`` names a PostgreSQL database rather than a SQLite file."""
@@ -364,16 +373,9 @@ class PostgresStorage:
                         break
                 except asyncpg.ClientConfigurationError as exc:  # a setting: no use retrying
                     raise SchemaError(f"{redact_dsn(dsn)}: {_reason(exc, dsn)}") from None
-                except ValueError:  # its text may quote a piece of the password: not shown
-                    raise SchemaError(
-                        f"{redact_dsn(dsn)}: not a valid PostgreSQL URL (percent-encode any"
-                        " of : / ? # @ [ ] in the password: # as %23, / as %2F...)"
-                    ) from None
                 except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
                     reason = _reason(exc, dsn)
-                    if isinstance(
-                        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidCatalogNameError
-                    ):
+                    if isinstance(exc, FATAL_AT_START):  # waiting will not mend these
                         raise SchemaError(f"{redact_dsn(dsn)}: {reason}") from None
                     if time.monotonic() >= deadline:
                         raise SchemaError(f"{redact_dsn(dsn)}: cannot connect: {reason}") from None
@@ -381,6 +383,11 @@ class PostgresStorage:
                         "PostgreSQL at %s is not reachable (%s); retrying", redact_dsn(dsn), reason
                     )
                     await asyncio.sleep(1)
+                except ValueError:  # the URL; its text may quote a piece of the password: not shown
+                    raise SchemaError(
+                        f"{redact_dsn(dsn)}: not a valid PostgreSQL URL (percent-encode any"
+                        " of : / ? # @ [ ] in the password: # as %23, / as %2F...)"
+                    ) from None
         except BaseException:
             await pool.close()
             raise
