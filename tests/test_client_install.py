@@ -100,6 +100,24 @@ def test_client_only_install_has_nothing_of_the_servers_dependencies(
     ), server.stderr
 
 
+def test_the_wheel_holds_every_file_of_both_packages(client_only_venv: Path) -> None:
+    """Every module, sub-package and data file (the dashboard, the OpenAPI document, the
+    bundled catalog) is installed: a package missing from ``setup.cfg`` fails here."""
+    [site] = client_only_venv.glob("lib/python*/site-packages")
+    for folder, package in (("client", "opa_telemetry"), ("server", "opa_telemetry_server")):
+        wanted = {
+            p.relative_to(REPO / folder).as_posix()
+            for p in (REPO / folder).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+        installed = {
+            p.relative_to(site / package).as_posix()
+            for p in (site / package).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+        assert wanted - installed == set(), package
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="the venv layout below is POSIX's")
 async def test_client_only_install_reports_to_a_local_server(
     client_only_venv: Path, fake_service: FakeService
