@@ -34,7 +34,7 @@ DEFAULT_DAYS = 30
 TOP_DAILY_VERSIONS = 8  # versions shown by name in ``daily[].by_version``; the rest is "other"
 OTHER = "other"
 UNKNOWN = "unknown"  # a platform the User-Agent did not name
-HEAP_BUCKETS_PER_DOUBLING = 8  # must match the bucket expression in storage.DAY_GROUPS_SQL
+HEAP_BUCKETS_PER_DOUBLING = 8  # must match each backend's DAY_GROUPS_SQL bucket expression
 
 
 @dataclass(frozen=True, slots=True)

@@ -419,6 +419,10 @@ class PostgresStorage:
                 await self._pool.expire_connections()
                 raise
 
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        with _faults("cannot read the database"):
+            return await self._pool.fetch(sql, *args)
+
     async def _execute(self, sql: str, *args: Any) -> str:
         with _faults("cannot write to the database"):
             async with self._acquire() as conn:
@@ -594,12 +598,11 @@ class PostgresStorage:
         return _count(status) > 0
 
     async def sync_state(self, product: str) -> SyncState | None:
-        with _faults("cannot read the sync state"):
-            row = await self._pool.fetchrow(SELECT_SYNC_STATE_SQL + " WHERE product = $1", product)
-        return SyncState(*row) if row else None
+        rows = await self._fetch(SELECT_SYNC_STATE_SQL + " WHERE product = $1", product)
+        return SyncState(*rows[0]) if rows else None
 
     async def sync_states(self) -> list[SyncState]:
-        rows = await self._pool.fetch(SELECT_SYNC_STATE_SQL + " ORDER BY product")
+        rows = await self._fetch(SELECT_SYNC_STATE_SQL + " ORDER BY product")
         return [SyncState(*row) for row in rows]
 
     async def save_sync_state(self, state: SyncState) -> None:
@@ -694,18 +697,19 @@ class PostgresStorage:
 
     async def window(self, product: str, since: str, until: str) -> Window:
         args = (product, _day(since), _day(until))
-        async with self._acquire() as conn, conn.transaction(readonly=True):
-            results = [
-                [tuple(row) for row in await conn.fetch(sql, *args)]
-                for sql in (
-                    WINDOW_DAYS_SQL,
-                    WINDOW_VERSIONS_SQL,
-                    WINDOW_PLATFORMS_SQL,
-                    WINDOW_MIN_COMPATIBLE_SQL,
-                    WINDOW_HEAPS_SQL,
-                )
-            ]
-            aggregated_at = await _meta(conn, AGGREGATED_AT_KEY)
+        with _faults("cannot read the statistics"):
+            async with self._acquire() as conn, conn.transaction(readonly=True):
+                results = [
+                    [tuple(row) for row in await conn.fetch(sql, *args)]
+                    for sql in (
+                        WINDOW_DAYS_SQL,
+                        WINDOW_VERSIONS_SQL,
+                        WINDOW_PLATFORMS_SQL,
+                        WINDOW_MIN_COMPATIBLE_SQL,
+                        WINDOW_HEAPS_SQL,
+                    )
+                ]
+                aggregated_at = await _meta(conn, AGGREGATED_AT_KEY)
         days, versions, platforms, min_compatible, heaps = results
         return Window(
             days=days,
@@ -718,7 +722,7 @@ class PostgresStorage:
 
     async def products(self, today: str) -> list[ProductCounts]:
         releases = dict(await self.release_counts())
-        rows = await self._pool.fetch(PRODUCTS_SQL, _day(today))
+        rows = await self._fetch(PRODUCTS_SQL, _day(today))
         seen = {p: (int(r), int(i)) for p, r, i in rows}
         return [
             ProductCounts(name, releases.get(name, 0), *seen.get(name, (0, 0)))
@@ -726,11 +730,11 @@ class PostgresStorage:
         ]
 
     async def release_counts(self) -> list[tuple[str, int]]:
-        rows = await self._pool.fetch("SELECT product, count(*) FROM releases GROUP BY product")
+        rows = await self._fetch("SELECT product, count(*) FROM releases GROUP BY product")
         return sorted((p, int(n)) for p, n in rows)
 
     async def day_version_counts(self, day: str) -> list[tuple[str, str, int]]:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             "SELECT product, version, instances FROM stats_versions WHERE day = $1", _day(day)
         )
         return [(p, v, int(i)) for p, v, i in rows]
@@ -764,9 +768,9 @@ class PostgresStorage:
     # -- retention ---------------------------------------------------------------------------
 
     async def count_expired(self, before: str) -> PurgeResult:
-        days, rows = await self._pool.fetchrow(
+        [(days, rows)] = await self._fetch(
             "SELECT count(DISTINCT day), count(*) FROM reports WHERE day < $1", _day(before)
-        ) or (0, 0)
+        )
         return PurgeResult(days=int(days), rows_deleted=int(rows))
 
     async def roll_up_and_purge(self, before: str) -> PurgeResult:
