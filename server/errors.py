@@ -17,7 +17,7 @@ place that maps them to HTTP statuses and the JSON error shape.
     ├── UnavailableError ......... try again later (503 with Retry-After)
     │   ├── OverloadedError ...... the ingest queue is full
     │   ├── ShuttingDownError .... the server is draining before exit
-    │   └── StorageUnavailableError  the database could not commit (locked, full, read-only)
+    │   └── StorageUnavailableError  the database cannot serve now (locked, full, read-only, away)
     ├── BackupError .............. a backup cannot be written where asked (CLI)
     ├── CatalogError ............. a release, policy or advisory could not be added or parsed
     ├── SyncError ................ the release list upstream could not be read or used
@@ -103,7 +103,8 @@ class ShuttingDownError(UnavailableError):
 
 
 class StorageUnavailableError(UnavailableError):
-    """The database refused the write (locked, read-only, disk full, I/O error)."""
+    """The database cannot serve the request now: locked, read-only, away (down, cut off,
+    failing over), disk full, an I/O error."""
 
 
 class BackupError(TelemetryError):
