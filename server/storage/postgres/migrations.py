@@ -7,8 +7,6 @@ the version in ``meta``.
 
 from __future__ import annotations
 
-CATALOG_CHANNEL = "opa_telemetry_catalog"  # the channel the catalog trigger notifies
-
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "CREATE TABLE meta (key text PRIMARY KEY, value bigint NOT NULL)",
@@ -27,7 +25,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
         # Any change to the catalog, from any node, the CLI or psql, bumps the generation
-        # (which every node polls) and notifies listeners at once.
+        # (which every node polls) and notifies listeners of channel opa_telemetry_catalog at
+        # once (no node listens today: a tool may).
         """
         CREATE FUNCTION bump_catalog_generation() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
