@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import date, timedelta
 from types import EllipsisType
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 from asyncpg.connect_utils import SessionAttribute
@@ -300,11 +300,12 @@ def _target_session_attrs(dsn: str) -> SessionAttribute | None:
     """``read-write`` for a DSN naming several hosts and no ``target_session_attrs``: a node
     writes, so it must pass over a standby rather than stick to the first host that answers.
     ``None`` (the DSN's own choice, or asyncpg's default) otherwise."""
-    _, password, tail = _split_password(dsn)  # never raises, unlike urlsplit
-    rest = dsn.partition("://")[2] if password is None else tail
-    authority, _, options = rest.partition("?")
-    query = parse_qs(options)
-    hosts = [authority.partition("/")[0], *query.get("host", [])]
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:  # not a URL: open() says so in its own words
+        return None
+    query = parse_qs(parts.query)
+    hosts = [parts.netloc.rpartition("@")[2], *query.get("host", [])]
     several = any("," in value for value in hosts)
     chosen = "target_session_attrs" in query
     return SessionAttribute.read_write if several and not chosen else None
