@@ -364,25 +364,41 @@ class PostgresStorage:
         return storage
 
     def connection(self) -> Any:
-        """A connection lent by the pool, as an async context manager (for ``transfer``)."""
-        return self._acquire()
+        """A connection lent by the pool, as an async context manager (for ``transfer``, whose
+        block also reads SQLite: its errors stay its own)."""
+        return self._pool.acquire()
 
     @contextlib.asynccontextmanager
-    async def _acquire(self) -> AsyncIterator[Conn]:
-        """A connection lent by the pool. One that finds its server read-only (a standby, a
-        demoted primary, ``default_transaction_read_only``) expires the pool: each connection
-        is closed as it comes back and made anew through the DSN's hosts, so the pool finds
-        the new primary by itself after a failover."""
-        async with self._pool.acquire() as conn:
-            try:
-                yield conn
-            except asyncpg.ReadOnlySQLTransactionError:
-                await self._pool.expire_connections()
-                raise
+    async def _acquire(self, action: str = "database does not answer") -> AsyncIterator[Conn]:
+        """A connection lent by the pool, for a block that only talks to the database: its
+        being away (down, cut, failing over, read-only) raises :class:`StorageUnavailableError`
+        (``action: reason``, one line). A connection that finds its server read-only (a
+        standby, a demoted primary, ``default_transaction_read_only``) expires the pool: each
+        connection is closed as it comes back and made anew through the DSN's hosts, so the
+        pool finds the new primary by itself after a failover."""
+        with _faults(action):
+            async with self._pool.acquire() as conn:
+                try:
+                    yield conn
+                except asyncpg.ReadOnlySQLTransactionError:
+                    await self._pool.expire_connections()
+                    raise
 
     async def _execute(self, sql: str, *args: Any) -> str:
         async with self._acquire() as conn:
             return await conn.execute(sql, *args)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._acquire() as conn:
+            return await conn.fetch(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        async with self._acquire() as conn:
+            return await conn.fetchrow(sql, *args)
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        async with self._acquire() as conn:
+            return await conn.fetchval(sql, *args)
 
     async def close(self) -> None:
         if not self._closed:
@@ -391,10 +407,7 @@ class PostgresStorage:
 
     async def ping(self) -> None:
         """Raise :class:`StorageUnavailableError` unless the database answers a query."""
-        try:
-            await self._pool.fetchval("SELECT value FROM meta WHERE key = 'catalog_generation'")
-        except UNAVAILABLE as exc:
-            raise StorageUnavailableError(f"database does not answer: {exc}") from None
+        await self._fetchval("SELECT value FROM meta WHERE key = 'catalog_generation'")
 
     async def schema_version(self) -> int:
         return await self._schema_version(self._pool)
@@ -418,38 +431,29 @@ class PostgresStorage:
             ]  # fmt: skip
         rows = [tuple(merged[key]) for key in sorted(merged)]
         counts = sorted(Counter(checks).items())
-        try:
-            async with self._acquire() as conn, conn.transaction():
-                if rows:
-                    await conn.execute(STAGE_SQL)
-                    await conn.copy_records_to_table(
-                        "staged_reports", records=rows, columns=STAGE_COLUMNS
-                    )
-                    await conn.execute(MERGE_REPORTS_SQL, day, seconds)
-                if counts:
-                    products, numbers = zip(*counts, strict=True)
-                    await conn.execute(COUNT_CHECKS_SQL, day, list(products), list(numbers))
-        except UNAVAILABLE as exc:
-            raise StorageUnavailableError(f"could not commit: {_reason(exc)}") from None
+        async with self._acquire("could not commit") as conn, conn.transaction():
+            if rows:
+                await conn.execute(STAGE_SQL)
+                await conn.copy_records_to_table(
+                    "staged_reports", records=rows, columns=STAGE_COLUMNS
+                )
+                await conn.execute(MERGE_REPORTS_SQL, day, seconds)
+            if counts:
+                products, numbers = zip(*counts, strict=True)
+                await conn.execute(COUNT_CHECKS_SQL, day, list(products), list(numbers))
 
     # -- the release catalog ----------------------------------------------------------------
 
     async def catalog_generation(self) -> int:
-        try:
-            value = await self._pool.fetchval(
-                "SELECT value FROM meta WHERE key = 'catalog_generation'"
-            )
-        except UNAVAILABLE as exc:
-            raise StorageUnavailableError(f"database does not answer: {_reason(exc)}") from None
+        value = await self._fetchval("SELECT value FROM meta WHERE key = 'catalog_generation'")
         return int(value or 0)
 
     async def load_catalog_parts(self) -> CatalogParts:
         """Read every product's releases, policy and advisories (see ``catalog_parts``)."""
-        with _faults("cannot read the catalog"):
-            return await self._load_catalog_parts()
-
-    async def _load_catalog_parts(self) -> CatalogParts:
-        async with self._acquire() as conn, conn.transaction(readonly=True):
+        async with (
+            self._acquire("cannot read the catalog") as conn,
+            conn.transaction(readonly=True),
+        ):
             releases = await conn.fetch(
                 "SELECT id, product, tag, release_notes, assets, published_on::text, prerelease"
                 " FROM releases"
@@ -561,11 +565,11 @@ class PostgresStorage:
         return _count(status) > 0
 
     async def sync_state(self, product: str) -> SyncState | None:
-        row = await self._pool.fetchrow(SELECT_SYNC_STATE_SQL + " WHERE product = $1", product)
+        row = await self._fetchrow(SELECT_SYNC_STATE_SQL + " WHERE product = $1", product)
         return SyncState(*row) if row else None
 
     async def sync_states(self) -> list[SyncState]:
-        rows = await self._pool.fetch(SELECT_SYNC_STATE_SQL + " ORDER BY product")
+        rows = await self._fetch(SELECT_SYNC_STATE_SQL + " ORDER BY product")
         return [SyncState(*row) for row in rows]
 
     async def save_sync_state(self, state: SyncState) -> None:
@@ -641,11 +645,7 @@ class PostgresStorage:
         at a time: a node that finds another at it returns an empty result. Raises
         :class:`StorageUnavailableError` when the database is away."""
         started = time.time() if now is None else now
-        with _faults("cannot aggregate"):
-            return await self._aggregate(started, lag)
-
-    async def _aggregate(self, started: float, lag: float) -> AggregateResult:
-        async with self._acquire() as conn:
+        async with self._acquire("cannot aggregate") as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", AGGREGATE_LOCK):
                 return AggregateResult()
             try:
@@ -683,7 +683,7 @@ class PostgresStorage:
 
     async def products(self, today: str) -> list[ProductCounts]:
         releases = dict(await self.release_counts())
-        rows = await self._pool.fetch(PRODUCTS_SQL, _day(today))
+        rows = await self._fetch(PRODUCTS_SQL, _day(today))
         seen = {p: (int(r), int(i)) for p, r, i in rows}
         return [
             ProductCounts(name, releases.get(name, 0), *seen.get(name, (0, 0)))
@@ -691,11 +691,11 @@ class PostgresStorage:
         ]
 
     async def release_counts(self) -> list[tuple[str, int]]:
-        rows = await self._pool.fetch("SELECT product, count(*) FROM releases GROUP BY product")
+        rows = await self._fetch("SELECT product, count(*) FROM releases GROUP BY product")
         return sorted((p, int(n)) for p, n in rows)
 
     async def day_version_counts(self, day: str) -> list[tuple[str, str, int]]:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             "SELECT product, version, instances FROM stats_versions WHERE day = $1", _day(day)
         )
         return [(p, v, int(i)) for p, v, i in rows]
@@ -716,7 +716,7 @@ class PostgresStorage:
         key = JOB_LOCKS + zlib.crc32(job.encode())
         async with contextlib.AsyncExitStack() as stack:
             with _faults(f"cannot take the lock of {job}"):  # not the block's own errors
-                conn = await stack.enter_async_context(self._acquire())
+                conn = await stack.enter_async_context(self._pool.acquire())
                 mine = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
             try:
                 yield mine
@@ -727,7 +727,7 @@ class PostgresStorage:
     # -- retention ---------------------------------------------------------------------------
 
     async def count_expired(self, before: str) -> PurgeResult:
-        days, rows = await self._pool.fetchrow(
+        days, rows = await self._fetchrow(
             "SELECT count(DISTINCT day), count(*) FROM reports WHERE day < $1", _day(before)
         ) or (0, 0)
         return PurgeResult(days=int(days), rows_deleted=int(rows))
@@ -737,12 +737,8 @@ class PostgresStorage:
         write its rollups and delete its rows, one transaction per day. One node at a time:
         a node that finds another at it returns an empty result. Raises
         :class:`StorageUnavailableError` when the database is away (the days done stay done)."""
-        with _faults("cannot apply retention"):
-            return await self._roll_up_and_purge(before)
-
-    async def _roll_up_and_purge(self, before: str) -> PurgeResult:
         result = PurgeResult()
-        async with self._acquire() as conn:
+        async with self._acquire("cannot apply retention") as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
                 logger.info("retention: another node is running it; skipped")
                 return result
