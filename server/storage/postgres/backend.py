@@ -404,30 +404,41 @@ class PostgresStorage:
         return storage
 
     def connection(self) -> Any:
-        """A connection lent by the pool, as an async context manager (for ``transfer``)."""
-        return self._acquire()
+        """A connection lent by the pool, as an async context manager (for ``transfer``, whose
+        block also reads SQLite: its errors stay its own)."""
+        return self._pool.acquire()
 
     @contextlib.asynccontextmanager
-    async def _acquire(self) -> AsyncIterator[Conn]:
-        """A connection lent by the pool. One that finds its server read-only (a standby, a
-        demoted primary, ``default_transaction_read_only``) expires the pool: each connection
-        is closed as it comes back and made anew through the DSN's hosts, so the pool finds
-        the new primary by itself after a failover."""
-        async with self._pool.acquire() as conn:
-            try:
-                yield conn
-            except asyncpg.ReadOnlySQLTransactionError:
-                await self._pool.expire_connections()
-                raise
-
-    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        with _faults("cannot read the database"):
-            return await self._pool.fetch(sql, *args)
+    async def _acquire(self, action: str = "database does not answer") -> AsyncIterator[Conn]:
+        """A connection lent by the pool, for a block that only talks to the database: its
+        being away (down, cut, failing over, read-only) raises :class:`StorageUnavailableError`
+        (``action: reason``, one line). A connection that finds its server read-only (a
+        standby, a demoted primary, ``default_transaction_read_only``) expires the pool: each
+        connection is closed as it comes back and made anew through the DSN's hosts, so the
+        pool finds the new primary by itself after a failover."""
+        with _faults(action):
+            async with self._pool.acquire() as conn:
+                try:
+                    yield conn
+                except asyncpg.ReadOnlySQLTransactionError:
+                    await self._pool.expire_connections()
+                    raise
 
     async def _execute(self, sql: str, *args: Any) -> str:
-        with _faults("cannot write to the database"):
-            async with self._acquire() as conn:
-                return await conn.execute(sql, *args)
+        async with self._acquire() as conn:
+            return await conn.execute(sql, *args)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._acquire() as conn:
+            return await conn.fetch(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        async with self._acquire() as conn:
+            return await conn.fetchrow(sql, *args)
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        async with self._acquire() as conn:
+            return await conn.fetchval(sql, *args)
 
     async def close(self) -> None:
         if not self._closed:
@@ -436,7 +447,7 @@ class PostgresStorage:
 
     async def ping(self) -> None:
         """Raise :class:`StorageUnavailableError` unless the database answers a query."""
-        await self.catalog_generation()
+        await self._fetchval("SELECT value FROM meta WHERE key = 'catalog_generation'")
 
     async def schema_version(self) -> int:
         return await self._schema_version(self._pool)
@@ -460,34 +471,29 @@ class PostgresStorage:
             ]  # fmt: skip
         rows = [tuple(merged[key]) for key in sorted(merged)]
         counts = sorted(Counter(checks).items())
-        with _faults("could not commit"):
-            async with self._acquire() as conn, conn.transaction():
-                if rows:
-                    await conn.execute(STAGE_SQL)
-                    await conn.copy_records_to_table(
-                        "staged_reports", records=rows, columns=STAGE_COLUMNS
-                    )
-                    await conn.execute(MERGE_REPORTS_SQL, day, seconds)
-                if counts:
-                    products, numbers = zip(*counts, strict=True)
-                    await conn.execute(COUNT_CHECKS_SQL, day, list(products), list(numbers))
+        async with self._acquire("could not commit") as conn, conn.transaction():
+            if rows:
+                await conn.execute(STAGE_SQL)
+                await conn.copy_records_to_table(
+                    "staged_reports", records=rows, columns=STAGE_COLUMNS
+                )
+                await conn.execute(MERGE_REPORTS_SQL, day, seconds)
+            if counts:
+                products, numbers = zip(*counts, strict=True)
+                await conn.execute(COUNT_CHECKS_SQL, day, list(products), list(numbers))
 
     # -- the release catalog ----------------------------------------------------------------
 
     async def catalog_generation(self) -> int:
-        with _faults("database does not answer"):
-            value = await self._pool.fetchval(
-                "SELECT value FROM meta WHERE key = 'catalog_generation'"
-            )
+        value = await self._fetchval("SELECT value FROM meta WHERE key = 'catalog_generation'")
         return int(value or 0)
 
     async def load_catalog_parts(self) -> CatalogParts:
         """Read every product's releases, policy and advisories (see ``catalog_parts``)."""
-        with _faults("cannot read the catalog"):
-            return await self._load_catalog_parts()
-
-    async def _load_catalog_parts(self) -> CatalogParts:
-        async with self._acquire() as conn, conn.transaction(readonly=True):
+        async with (
+            self._acquire("cannot read the catalog") as conn,
+            conn.transaction(readonly=True),
+        ):
             releases = await conn.fetch(
                 "SELECT id, product, tag, release_notes, assets, published_on::text, prerelease"
                 " FROM releases"
@@ -599,8 +605,8 @@ class PostgresStorage:
         return _count(status) > 0
 
     async def sync_state(self, product: str) -> SyncState | None:
-        rows = await self._fetch(SELECT_SYNC_STATE_SQL + " WHERE product = $1", product)
-        return SyncState(*rows[0]) if rows else None
+        row = await self._fetchrow(SELECT_SYNC_STATE_SQL + " WHERE product = $1", product)
+        return SyncState(*row) if row else None
 
     async def sync_states(self) -> list[SyncState]:
         rows = await self._fetch(SELECT_SYNC_STATE_SQL + " ORDER BY product")
@@ -626,16 +632,15 @@ class PostgresStorage:
     ) -> tuple[int, int, int]:
         """Add and update ``releases`` and, with ``prune``, remove the product's releases not
         among them; one transaction. Returns (added, updated, removed)."""
-        with _faults("cannot store the releases"):
-            async with self._acquire() as conn, conn.transaction():
-                added, updated = await _import(conn, product, releases, update=True)
-                removed = 0
-                if prune:
-                    status = await conn.execute(
-                        "DELETE FROM releases WHERE product = $1 AND NOT (tag = ANY($2::text[]))",
-                        product, [r.tag for r in releases],
-                    )  # fmt: skip
-                    removed = _count(status)
+        async with self._acquire() as conn, conn.transaction():
+            added, updated = await _import(conn, product, releases, update=True)
+            removed = 0
+            if prune:
+                status = await conn.execute(
+                    "DELETE FROM releases WHERE product = $1 AND NOT (tag = ANY($2::text[]))",
+                    product, [r.tag for r in releases],
+                )  # fmt: skip
+                removed = _count(status)
         return added, updated, removed
 
     async def seed_catalog(self, product: str, releases: Sequence[Release]) -> int:
@@ -680,11 +685,7 @@ class PostgresStorage:
         at a time: a node that finds another at it returns an empty result. Raises
         :class:`StorageUnavailableError` when the database is away."""
         started = time.time() if now is None else now
-        with _faults("cannot aggregate"):
-            return await self._aggregate(started, lag)
-
-    async def _aggregate(self, started: float, lag: float) -> AggregateResult:
-        async with self._acquire() as conn:
+        async with self._acquire("cannot aggregate") as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", AGGREGATE_LOCK):
                 return AggregateResult()
             try:
@@ -698,19 +699,18 @@ class PostgresStorage:
 
     async def window(self, product: str, since: str, until: str) -> Window:
         args = (product, _day(since), _day(until))
-        with _faults("cannot read the statistics"):
-            async with self._acquire() as conn, conn.transaction(readonly=True):
-                results = [
-                    [tuple(row) for row in await conn.fetch(sql, *args)]
-                    for sql in (
-                        WINDOW_DAYS_SQL,
-                        WINDOW_VERSIONS_SQL,
-                        WINDOW_PLATFORMS_SQL,
-                        WINDOW_MIN_COMPATIBLE_SQL,
-                        WINDOW_HEAPS_SQL,
-                    )
-                ]
-                aggregated_at = await _meta(conn, AGGREGATED_AT_KEY)
+        async with self._acquire() as conn, conn.transaction(readonly=True):
+            results = [
+                [tuple(row) for row in await conn.fetch(sql, *args)]
+                for sql in (
+                    WINDOW_DAYS_SQL,
+                    WINDOW_VERSIONS_SQL,
+                    WINDOW_PLATFORMS_SQL,
+                    WINDOW_MIN_COMPATIBLE_SQL,
+                    WINDOW_HEAPS_SQL,
+                )
+            ]
+            aggregated_at = await _meta(conn, AGGREGATED_AT_KEY)
         days, versions, platforms, min_compatible, heaps = results
         return Window(
             days=days,
@@ -741,14 +741,12 @@ class PostgresStorage:
         return [(p, v, int(i)) for p, v, i in rows]
 
     async def meta(self, key: str) -> int | None:
-        with _faults(f"cannot read {key}"):
-            async with self._acquire() as conn:
-                return await _meta(conn, key)
+        async with self._acquire() as conn:
+            return await _meta(conn, key)
 
     async def set_meta(self, key: str, value: int) -> None:
-        with _faults(f"cannot save {key}"):
-            async with self._acquire() as conn:
-                await _set_meta(conn, key, value)
+        async with self._acquire() as conn:
+            await _set_meta(conn, key, value)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, job: str) -> AsyncIterator[bool]:
@@ -758,7 +756,7 @@ class PostgresStorage:
         key = JOB_LOCKS + zlib.crc32(job.encode())
         async with contextlib.AsyncExitStack() as stack:
             with _faults(f"cannot take the lock of {job}"):  # not the block's own errors
-                conn = await stack.enter_async_context(self._acquire())
+                conn = await stack.enter_async_context(self._pool.acquire())
                 mine = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
             try:
                 yield mine
@@ -769,9 +767,9 @@ class PostgresStorage:
     # -- retention ---------------------------------------------------------------------------
 
     async def count_expired(self, before: str) -> PurgeResult:
-        [(days, rows)] = await self._fetch(
+        days, rows = await self._fetchrow(
             "SELECT count(DISTINCT day), count(*) FROM reports WHERE day < $1", _day(before)
-        )
+        ) or (0, 0)
         return PurgeResult(days=int(days), rows_deleted=int(rows))
 
     async def roll_up_and_purge(self, before: str) -> PurgeResult:
@@ -779,12 +777,8 @@ class PostgresStorage:
         write its rollups and delete its rows, one transaction per day. One node at a time:
         a node that finds another at it returns an empty result. Raises
         :class:`StorageUnavailableError` when the database is away (the days done stay done)."""
-        with _faults("cannot apply retention"):
-            return await self._roll_up_and_purge(before)
-
-    async def _roll_up_and_purge(self, before: str) -> PurgeResult:
         result = PurgeResult()
-        async with self._acquire() as conn:
+        async with self._acquire("cannot apply retention") as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
                 logger.info("retention: another node is running it; skipped")
                 return result
