@@ -61,7 +61,7 @@ def probe_ids() -> Iterator[str]:
     return (f"5b0d3c1e-f0f0-4000-8000-{n:012x}" for n in itertools.count(1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Answer:
     sent: float  # monotonic
     answered: float
@@ -125,7 +125,11 @@ async def stored(dsn: str, probed: list[str]) -> tuple[set[str], int]:
         await conn.close()
 
 
-async def one_run(synchronous: bool, args: argparse.Namespace) -> dict[str, float]:
+async def one_run(
+    synchronous: bool, args: argparse.Namespace
+) -> tuple[dict[str, float], list[Answer]]:
+    """The run's row (see :data:`COLUMNS`), and each probe report acknowledged but missing
+    (its times counted from the stop's start)."""
     from tests.pgcluster import multi_host_dsn, running_pair
 
     with running_pair(synchronous=synchronous) as (primary, standby, database):
@@ -160,6 +164,10 @@ async def one_run(synchronous: bool, args: argparse.Namespace) -> dict[str, floa
         taken = sorted(a.answered for a in answers.values() if a.status == 200)
         acknowledged = {i for i, a in answers.items() if a.status == 200}
         kept, load_stored = await stored(standby.dsn(database), list(answers))
+        missing = sorted(
+            Answer(a.sent - stopping, a.answered - stopping, a.status)
+            for a in (answers[i] for i in acknowledged - kept)
+        )
         return {
             "outage": back - stopped,
             "after_promotion": back - promoted,
@@ -177,7 +185,7 @@ async def one_run(synchronous: bool, args: argparse.Namespace) -> dict[str, floa
             "load_other": result.sent - result.reports_ok,
             "load_stored": load_stored,
             "load_lost_bound": max(0, result.reports_ok - load_stored),
-        }
+        }, missing
 
 
 # Printed after the replication and the run: groups (timings, the probe, the load) of
@@ -236,10 +244,14 @@ def main() -> int:
         kind = "synchronous" if synchronous else "asynchronous"
         outages, missing = [], 0
         for run in range(1, args.runs + 1):
-            row = asyncio.run(one_run(synchronous, args))
+            row, lost_at = asyncio.run(one_run(synchronous, args))
             outages.append(row["outage"])
             missing += int(row["probe_missing"])
             print(row_line(kind, run, row), flush=True)
+            if lost_at:
+                print("    acknowledged but missing (sent..answered, ms from the stop's start): "
+                      + ", ".join(f"{a.sent * 1000:+.0f}..{a.answered * 1000:+.0f}"
+                                  for a in lost_at), flush=True)  # fmt: skip
         print(f"  {kind}: median outage {statistics.median(outages):.2f} s (promotion"
               f" {args.promote_after:g} s after the stop); probe reports acknowledged but"
               f" missing: {missing}")  # fmt: skip
