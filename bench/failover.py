@@ -24,6 +24,7 @@ per run:
 
     python bench/failover.py                       # 3 synchronous and 3 asynchronous runs
     python bench/failover.py --runs 1 --no-async   # one synchronous run
+    python bench/failover.py --runs 6 --no-sync    # six asynchronous runs
 
 Everything listens on 127.0.0.1, every loop is bounded, the clusters are removed at the end.
 """
@@ -229,6 +230,10 @@ def main() -> int:
         "--async", dest="asynchronous", action=argparse.BooleanOptionalAction, default=True,
         help="also run with asynchronous replication (default: yes)",
     )  # fmt: skip
+    parser.add_argument(
+        "--sync", dest="synchronous", action=argparse.BooleanOptionalAction, default=True,
+        help="run with synchronous replication (default: yes)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not 1 <= args.runs <= 20 or not 0 < args.duration <= 120 or not 1 <= args.probes <= 16:
         parser.error("--runs must be 1-20, --duration 0-120 seconds and --probes 1-16")
@@ -238,7 +243,11 @@ def main() -> int:
 
     if reason := unavailable_reason():
         parser.error(reason)
-    kinds = [True, False] if args.asynchronous else [True]
+    kinds = [
+        kind for kind, wanted in ((True, args.synchronous), (False, args.asynchronous)) if wanted
+    ]
+    if not kinds:
+        parser.error("--no-sync and --no-async leave nothing to run")
     print(header())
     for synchronous in kinds:
         kind = "synchronous" if synchronous else "asynchronous"
