@@ -251,8 +251,14 @@ class Exchange:
             self._check_time(exc)
             raise TransportError(f"no answer from proxy {proxy}: {_reason(exc)}") from None
         if not 200 <= head.status < 300:
+            hint = ""
+            if head.status == 407:  # Proxy Authentication Required
+                hint = (
+                    " (it refused the credentials in the proxy URL)" if auth else
+                    " (it wants credentials: give them in the proxy URL, http://user:password@host:port)"
+                )  # fmt: skip
             raise TransportError(
-                f"proxy {proxy} refused the tunnel to {target.host_port}: HTTP {head.status}"
+                f"proxy {proxy} refused the tunnel to {target.host_port}: HTTP {head.status}{hint}"
             )
 
     def _start_tls(

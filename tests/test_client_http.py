@@ -141,13 +141,14 @@ class FakeProxy:
     """An HTTP proxy on 127.0.0.1 that sends everything to ``upstream_port`` on 127.0.0.1,
     whatever host the request names (so no name is ever resolved). It records each request
     line and its headers, and the first bytes the client sent through each tunnel;
-    ``refuse`` answers 403 to everything. Served over TLS, it is an ``https://`` proxy."""
+    ``refuse`` (a status, e.g. 403) answers that to everything. Served over TLS, it is an
+    ``https://`` proxy."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.tunnelled: list[bytes] = []
-        self.refuse = False
+        self.refuse = 0
         self.port = 0
         self.handlers: set[asyncio.Task[Any]] = set()
 
@@ -163,7 +164,7 @@ class FakeProxy:
             headers = dict(f.split(": ", 1) for f in fields if f)
             self.requests.append((method, target, headers))
             if self.refuse:
-                writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                writer.write(b"HTTP/1.1 %d Refused\r\nContent-Length: 0\r\n\r\n" % self.refuse)
                 return
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
             if method == "CONNECT":
@@ -252,14 +253,27 @@ async def test_a_proxy_that_refuses_the_tunnel_is_a_transport_error(
 ) -> None:
     port = await tls_server(aiohttp_server, ca, [], SERVICE_NAME)
     async with running_proxy(port) as proxy:
-        proxy.refuse = True
-        with pytest.raises(TransportError, match=r"refused the tunnel .*: HTTP 403"):
+        proxy.refuse = 403
+        with pytest.raises(TransportError, match=r"refused the tunnel .*: HTTP 403$"):
             await check_latest(
                 "MyApp",
                 "1.0.0",
                 url=f"https://{SERVICE_NAME}",
                 environ={"https_proxy": f"http://127.0.0.1:{proxy.port}"},
             )
+        # 407: the proxy wants credentials, and the message says where they go.
+        proxy.refuse = 407
+        for setting, hint in (
+            (f"http://127.0.0.1:{proxy.port}", "give them in the proxy URL"),
+            (f"http://u:wrong@127.0.0.1:{proxy.port}", "refused the credentials"),
+        ):
+            with pytest.raises(TransportError) as raised:
+                await check_latest(
+                    "MyApp", "1.0.0", url=f"https://{SERVICE_NAME}",
+                    environ={"https_proxy": setting},
+                )  # fmt: skip
+            assert "HTTP 407" in str(raised.value) and hint in str(raised.value)
+            assert "wrong" not in str(raised.value)
 
 
 async def test_loopback_targets_never_use_the_proxy(

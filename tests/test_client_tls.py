@@ -94,7 +94,7 @@ async def test_an_https_proxy_that_refuses_the_tunnel_is_one_clear_line(
 ) -> None:
     port = await tls_server(aiohttp_server, CA, [], SERVICE_NAME)
     async with running_proxy(port, tls=proxy_tls()) as proxy:
-        proxy.refuse = True
+        proxy.refuse = 403
         environ = {"HTTPS_PROXY": f"https://127.0.0.1:{proxy.port}", "SSL_CERT_FILE": ca_file}
         with pytest.raises(TransportError) as caught:
             await check_latest("MyApp", "1.0.0", url=f"https://{SERVICE_NAME}", environ=environ)
